@@ -1,0 +1,2 @@
+//! hopps-client (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! hopps-engine (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! hopps-format (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! hopps-server (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! The Hopscotch table of hopps (being written).
