@@ -1,2 +1,327 @@
-//! hopps-server (being written).
+//! hopps-server: one hopps node on the network.
+//!
+//! - gRPC `hopps.v1` (`Hopps`: lookups and online writes; `Admin`: models, versions, status,
+//!   rollback, history, checkpoint) plus standard gRPC health checking;
+//! - admin HTTP on its own port: `/metrics`, `/healthz`, `/readyz`, `/status`, `/`.
+//!
+//! The caller owns the listeners and the shutdown signal (bind `127.0.0.1:0` in tests, read the
+//! bound address back from the listener), as in mini-redis:
+//!
+//! ```no_run
+//! # async fn example(engine: hopps_engine::Engine) -> Result<(), hopps_server::ServerError> {
+//! let config = hopps_server::ServerConfig::default();
+//! let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let (_stop, shutdown) = tokio::sync::watch::channel(false);
+//! hopps_server::Server::new(engine, &config)?.run(grpc, admin, shutdown).await
+//! # }
+//! ```
+//!
+//! Architecture invariants: only this crate speaks HTTP and the Prometheus format; wire types
+//! are converted at the edge (`grpc`); engine errors become gRPC codes in one place (`error`).
 #![forbid(unsafe_code)]
+
+pub mod config;
+mod error;
+mod grpc;
+mod http;
+mod metrics;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hopps_engine::{Engine, EngineConfig, WalSync};
+use hopps_format::{Repository, StorageOptions};
+use hopps_proto::v1::admin_server::AdminServer;
+use hopps_proto::v1::hopps_server::HoppsServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+pub use config::{ConfigError, ServerConfig, StorageConfig, WalSyncSetting};
+pub use error::{ServerError, code_label, code_of, status_of};
+pub use metrics::install_exporter;
+
+use crate::grpc::{AdminService, HoppsService, Limits, Node};
+
+/// The repository storage options a config asks for (unset ones keep the format crate's
+/// defaults, which read the usual AWS_* environment variables).
+pub fn storage_options(config: &StorageConfig) -> StorageOptions {
+    let mut options = StorageOptions::default();
+    if let Some(v) = &config.s3_endpoint {
+        options.s3_endpoint = Some(v.clone());
+    }
+    if let Some(v) = &config.s3_region {
+        options.s3_region = Some(v.clone());
+    }
+    if let Some(v) = &config.s3_access_key_id {
+        options.s3_access_key_id = Some(v.clone());
+    }
+    if let Some(v) = &config.s3_secret_access_key {
+        options.s3_secret_access_key = Some(v.clone());
+    }
+    if let Some(timeout) = config.timeout {
+        options.timeout = timeout;
+    }
+    options
+}
+
+/// Opens the model repository a config names; an unreachable one fails within the storage
+/// timeout with an error that names it.
+pub async fn open_repository(config: &ServerConfig) -> Result<Repository, ServerError> {
+    Repository::open(&config.repo, &storage_options(&config.storage))
+        .await
+        .map_err(|source| ServerError::Repository {
+            uri: config.repo.clone(),
+            source,
+        })
+}
+
+/// The engine configuration a server config asks for.
+pub fn engine_config(config: &ServerConfig, repository: Repository) -> EngineConfig {
+    let mut engine = EngineConfig::new(repository, config.data_dir.clone());
+    engine.models = config.models.clone();
+    engine.memory_limit = config.memory_limit;
+    engine.poll_interval = config.poll_interval;
+    engine.wal_sync = match config.wal_sync {
+        WalSyncSetting::Always => WalSync::Always,
+        WalSyncSetting::Interval(d) => WalSync::Interval(d),
+    };
+    engine.checkpoint_interval = config.checkpoint_interval;
+    if let Some(budget) = config.undo_budget {
+        engine.undo_budget_bytes = budget;
+    }
+    if let Some(retention) = config.checkpoint_retention {
+        engine.checkpoint_retention = retention;
+    }
+    if let Some(node_id) = &config.node_id {
+        engine.node_id = node_id.clone();
+    }
+    engine
+}
+
+/// A hopps node ready to serve an engine.
+pub struct Server {
+    node: Arc<Node>,
+    max_message_bytes: usize,
+    shutdown_grace: Duration,
+    exporter: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl Server {
+    /// A server for `engine` with the limits of `config`. Installs the process-wide Prometheus
+    /// recorder on first use.
+    pub fn new(engine: Engine, config: &ServerConfig) -> Result<Server, ServerError> {
+        let exporter = install_exporter()?;
+        let node = Node {
+            engine,
+            limits: Limits {
+                max_keys_per_request: config.max_keys_per_request,
+            },
+            metrics: metrics::RequestMetrics::new(),
+            started: Instant::now(),
+            repository: config.repo.clone(),
+        };
+        Ok(Server {
+            node: Arc::new(node),
+            max_message_bytes: config.max_message_usize(),
+            shutdown_grace: config.shutdown_grace,
+            exporter,
+        })
+    }
+
+    /// Serves gRPC on `grpc` and admin HTTP on `admin`, loads the configured models, then keeps
+    /// applying new versions from the repository, until `shutdown` turns true. In-flight
+    /// requests then get the configured grace period to finish.
+    pub async fn run(
+        self,
+        grpc: TcpListener,
+        admin: TcpListener,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
+        let grpc_addr = local(&grpc);
+        let admin_addr = local(&admin);
+        let engine = self.node.engine.clone();
+        let limit = self.max_message_bytes;
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status(hopps_proto::HOPPS_SERVICE, ServingStatus::NotServing)
+            .await;
+        let readiness = tokio::spawn(track_readiness(
+            engine.clone(),
+            reporter,
+            shutdown.clone(),
+        ));
+        let upkeep = metrics::spawn_upkeep(self.exporter.clone());
+        let loader = tokio::spawn(load_then_watch(engine.clone(), shutdown.clone()));
+
+        let hopps = HoppsServer::new(HoppsService::new(Arc::clone(&self.node)))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let admin_svc = AdminServer::new(AdminService::new(Arc::clone(&self.node)))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let grpc_server = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(oversized_is_exhausted))
+            .add_service(health)
+            .add_service(hopps)
+            .add_service(admin_svc)
+            .serve_with_incoming_shutdown(incoming, signalled(shutdown.clone()));
+
+        let router = http::router(Arc::clone(&self.node), self.exporter.clone());
+        let admin_server =
+            axum::serve(admin, router).with_graceful_shutdown(signalled(shutdown.clone()));
+
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "serving");
+        let serve = async {
+            let (grpc_result, admin_result) = tokio::join!(grpc_server, admin_server.into_future());
+            grpc_result.map_err(|source| ServerError::Grpc {
+                addr: grpc_addr.clone(),
+                source,
+            })?;
+            admin_result.map_err(|source| ServerError::Admin {
+                addr: admin_addr.clone(),
+                source,
+            })
+        };
+        let grace = self.shutdown_grace;
+        let result = tokio::select! {
+            result = serve => result,
+            () = async {
+                signalled(shutdown.clone()).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_seconds = grace.as_secs_f64(), "requests still in flight after the shutdown grace period; stopping anyway");
+                Ok(())
+            }
+        };
+        readiness.abort();
+        upkeep.abort();
+        // The watcher stops on the same signal; give it the grace period to finish an apply.
+        if tokio::time::timeout(grace, loader).await.is_err() {
+            tracing::warn!("the repository watcher did not stop within the grace period");
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string())
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+fn signalled(mut shutdown: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Loads every configured model, then runs the repository watcher until shutdown.
+async fn load_then_watch(engine: Engine, shutdown: watch::Receiver<bool>) {
+    let started = Instant::now();
+    tracing::info!("loading models");
+    tokio::select! {
+        result = engine.load() => match result {
+            Ok(()) => log_loaded(&engine, started),
+            Err(err) => tracing::error!(error = %err, "loading models failed; the node keeps trying on each repository poll"),
+        },
+        () = signalled(shutdown.clone()) => return,
+    }
+    let watcher = engine.spawn_background(shutdown);
+    if let Err(err) = watcher.await {
+        tracing::error!(error = %err, "the repository watcher stopped unexpectedly");
+    }
+}
+
+fn log_loaded(engine: &Engine, started: Instant) {
+    let status = engine.status();
+    for m in &status.models {
+        match &m.last_error {
+            Some(err) => tracing::error!(model = %m.name, state = %m.state, error = %err, "model not loaded"),
+            None => tracing::info!(
+                model = %m.name,
+                version = ?m.serving_version,
+                rows = m.rows,
+                memory_bytes = m.memory_bytes,
+                "model loaded"
+            ),
+        }
+    }
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        ready = status.ready,
+        models = status.models.len(),
+        "initial load finished"
+    );
+}
+
+/// Keeps gRPC health in step with readiness: NOT_SERVING until every configured model serves.
+async fn track_readiness(
+    engine: Engine,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = signalled(shutdown.clone()) => {
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                reporter.set_service_status(hopps_proto::HOPPS_SERVICE, ServingStatus::NotServing).await;
+                return;
+            }
+        }
+        let ready = engine.is_ready();
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(hopps_proto::HOPPS_SERVICE, status)
+                .await;
+            if ready {
+                tracing::info!("ready: every configured model is serving");
+            }
+            last = Some(ready);
+        }
+    }
+}
+
+/// tonic answers a request larger than the decoding limit with OUT_OF_RANGE; gRPC's convention
+/// (and our contract) is RESOURCE_EXHAUSTED, with a hint what to do. No handler of ours answers
+/// OUT_OF_RANGE, so every such status in response headers is that decoding error.
+fn oversized_is_exhausted<B>(mut response: ::http::Response<B>) -> ::http::Response<B> {
+    let headers = response.headers_mut();
+    if headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11")
+    {
+        headers.insert("grpc-status", ::http::HeaderValue::from_static("8"));
+        let original = headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or("message too large")
+            .to_string();
+        let message = format!(
+            "{original}; split the batch into smaller requests, or raise the server's max_message_bytes"
+        );
+        if let Ok(value) = ::http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
+}

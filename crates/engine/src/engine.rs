@@ -1,0 +1,1034 @@
+//! The engine: every model this node serves, and the operations on them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hopps_format::spec::now_rfc3339;
+use hopps_format::{HistoryRecord, Manifest, Repository, VersionKind};
+
+use crate::config::EngineConfig;
+use crate::error::{EngineError, ErrorKind, Result};
+use crate::lineage::{EVENT_ROLLED_BACK, EVENT_SERVED, Lineage};
+use crate::loader::{self, WriteScratch, apply_write, build_estimate, read_delta, table_bytes_estimate};
+use crate::model::{Model, UndoEntry, UndoLog, capture_undo, compose_undo, merge};
+use crate::report::*;
+use crate::rows::TableShape;
+use crate::view::{Shape, View};
+use crate::wal::{self, Wal, WalOp};
+
+/// One table's part of a [`Engine::multi_lookup`].
+pub struct TableLookup<'a> {
+    pub table: &'a str,
+    pub keys: &'a [u64],
+    /// `keys.len() * dim` floats.
+    pub out: &'a mut [f32],
+    /// `keys.len()` flags.
+    pub found: &'a mut [bool],
+}
+
+/// The models of one node. Cheap to clone; every clone is the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    models: ArcSwap<BTreeMap<String, Arc<Model>>>,
+    /// Serialises adding models to `models`.
+    adding: parking_lot::Mutex<()>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("repository", &self.inner.config.repository.uri())
+            .field("node_id", &self.inner.config.node_id)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Opens the engine: checks the repository and the configured models, creates the data
+    /// directory. Loads nothing yet (see [`Engine::load`]).
+    pub async fn open(config: EngineConfig) -> Result<Engine> {
+        std::fs::create_dir_all(config.data_dir.join("wal")).map_err(|e| {
+            EngineError::wal_io(format!("creating data directory {}", config.data_dir.display()), e)
+        })?;
+        let names = match &config.models {
+            Some(list) => list.clone(),
+            None => config
+                .repository
+                .list_models()
+                .await
+                .map_err(|e| EngineError::repository(format!("listing models in {}", config.repository.uri()), e))?,
+        };
+        let models = names
+            .into_iter()
+            .map(|n| (n.clone(), Arc::new(Model::new(n))))
+            .collect();
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                models: ArcSwap::from_pointee(models),
+                adding: parking_lot::Mutex::new(()),
+            }),
+        })
+    }
+
+    fn repo(&self) -> &Repository {
+        &self.inner.config.repository
+    }
+
+    fn model(&self, name: &str) -> Result<Arc<Model>> {
+        self.inner.models.load().get(name).cloned().ok_or_else(|| {
+            let names: Vec<String> = self.inner.models.load().keys().cloned().collect();
+            EngineError::not_found(format!(
+                "model {name:?} is not served by this node (it serves: {}); check the name or \
+                 publish the model",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            ))
+        })
+    }
+
+    fn serving_view(&self, m: &Model) -> Result<Arc<View>> {
+        m.view.load_full().ok_or_else(|| {
+            let rt = m.runtime.lock();
+            match &rt.last_error {
+                Some(e) if rt.state == "failed" => EngineError::new(
+                    ErrorKind::Unavailable,
+                    format!("model {} failed to load: {e}", m.name),
+                ),
+                _ => EngineError::new(
+                    ErrorKind::Unavailable,
+                    format!("model {} is still loading; retry when the node is ready", m.name),
+                ),
+            }
+        })
+    }
+
+    /// Loads the newest committed state of every configured model (checkpoint + deltas, WAL
+    /// replay). One model failing does not stop the others: its error shows in status.
+    pub async fn load(&self) -> Result<()> {
+        let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
+        for m in models {
+            if m.view.load().is_some() {
+                continue;
+            }
+            if let Err(e) = self.load_model(&m).await {
+                m.fail(None, e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_lineage(&self, model: &str) -> Result<(Lineage, Vec<Manifest>, Vec<u64>, Vec<HistoryRecord>)> {
+        let listing = self
+            .repo()
+            .versions(model)
+            .await
+            .map_err(|e| EngineError::repository(format!("listing versions of model {model}"), e))?;
+        let history = self
+            .repo()
+            .history(model)
+            .await
+            .map_err(|e| EngineError::repository(format!("reading the history of model {model}"), e))?;
+        let lineage = Lineage::compute(&listing.committed, &history);
+        Ok((lineage, listing.committed, listing.aborted, history))
+    }
+
+    async fn shape(&self, model: &str) -> Result<Arc<Shape>> {
+        let spec = self
+            .repo()
+            .model(model)
+            .await
+            .map_err(|e| EngineError::repository(format!("reading model.json of model {model}"), e))?;
+        let tables = spec
+            .tables
+            .iter()
+            .map(|t| TableShape::new(model, t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(Shape {
+            model: model.to_string(),
+            shards: spec.shards.max(1),
+            tables,
+        }))
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.inner.models.load().values().map(|m| m.memory_bytes()).sum()
+    }
+
+    fn check_memory(&self, model: &str, version: u64, need: u64) -> Result<()> {
+        if let Some(limit) = self.inner.config.memory_limit {
+            let used = self.memory_used();
+            if used.saturating_add(need) > limit {
+                return Err(EngineError::exhausted(format!(
+                    "model {model} version {version} needs about {need} bytes but only {} of the \
+                     node's {limit}-byte memory limit are free ({used} used); raise the limit, \
+                     serve fewer models on this node or add shards on more nodes",
+                    limit.saturating_sub(used)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn wal_dir(&self, model: &str) -> std::path::PathBuf {
+        self.inner.config.data_dir.join("wal").join(model)
+    }
+
+    /// First load of a model: newest checkpoint of its chain, later deltas, WAL replay.
+    async fn load_model(&self, m: &Arc<Model>) -> Result<()> {
+        let _versions = m.versions.lock().await;
+        if m.view.load().is_some() {
+            return Ok(());
+        }
+        m.runtime.lock().state = "loading";
+        let shape = self.shape(&m.name).await?;
+        let (lineage, committed, _, _) = self.read_lineage(&m.name).await?;
+        m.runtime.lock().newest = committed.last().map(|c| c.version);
+        let Some(tip) = lineage.chain.len().checked_sub(1) else {
+            return Err(EngineError::not_found(format!(
+                "model {} has no committed full version to serve; publish one",
+                m.name
+            )));
+        };
+        let checkpoints = self
+            .repo()
+            .checkpoints(&m.name)
+            .await
+            .map_err(|e| EngineError::repository(format!("listing checkpoints of model {}", m.name), e))?;
+        let records = match m.wal.get() {
+            Some(_) => wal::read_all(&self.wal_dir(&m.name))?,
+            None => {
+                let (w, records) = Wal::open(&self.wal_dir(&m.name), self.inner.config.wal_sync)?;
+                let _ = m.wal.set(w);
+                records
+            }
+        };
+        let base = loader::pick_checkpoint(&lineage, tip, &checkpoints)
+            .map(|(c, _)| c.clone())
+            .unwrap_or_else(|| lineage.chain[0].clone());
+        self.check_memory(&m.name, lineage.chain[tip].version, build_estimate(&shape, &lineage.chain[..=tip], &base))?;
+        let started = Instant::now();
+        let built = loader::build(self.repo(), m, &shape, &lineage, tip, &checkpoints, &records).await;
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                m.progress_end();
+                return Err(e);
+            }
+        };
+        let mut undo = m.write.lock().await;
+        undo.entries = built.undo.into();
+        m.view
+            .store(Some(Arc::new(View::plain(shape, Arc::new(built.tables), built.version))));
+        self.enforce_undo_budget(m, &mut undo);
+        drop(undo);
+        {
+            let mut rt = m.runtime.lock();
+            rt.state = "serving";
+            rt.last_error = None;
+        }
+        tracing::info!(
+            model = %m.name,
+            version = built.version,
+            from = %built.detail,
+            seconds = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(())
+    }
+
+    fn enforce_undo_budget(&self, m: &Model, undo: &mut UndoLog) {
+        let others: u64 = self
+            .inner
+            .models
+            .load()
+            .values()
+            .filter(|o| o.name != m.name)
+            .map(|o| o.undo_bytes.load(Ordering::Relaxed))
+            .sum();
+        let budget = self.inner.config.undo_budget_bytes;
+        let mut mine = undo.bytes();
+        while others + mine > budget && !undo.entries.is_empty() {
+            if let Some(e) = undo.entries.pop_front() {
+                tracing::info!(model = %m.name, version = e.version, "undo record dropped (budget)");
+            }
+            mine = undo.bytes();
+        }
+        m.undo_bytes.store(mine, Ordering::Relaxed);
+    }
+
+    /// True when every configured model serves a version.
+    pub fn is_ready(&self) -> bool {
+        let models = self.inner.models.load();
+        !models.is_empty() && models.values().all(|m| m.view.load().is_some())
+    }
+
+    /// One watcher pass: picks up new models (when serving every model), loads models not yet
+    /// loaded, follows rollbacks decided elsewhere, applies new versions of the served chain.
+    pub async fn poll_repository(&self) -> Result<()> {
+        if self.inner.config.models.is_none() {
+            let names = self
+                .repo()
+                .list_models()
+                .await
+                .map_err(|e| EngineError::repository(format!("listing models in {}", self.repo().uri()), e))?;
+            let _adding = self.inner.adding.lock();
+            let current = self.inner.models.load();
+            if names.iter().any(|n| !current.contains_key(n)) {
+                let mut next = (**current).clone();
+                for n in names {
+                    next.entry(n.clone()).or_insert_with(|| Arc::new(Model::new(n)));
+                }
+                self.inner.models.store(Arc::new(next));
+            }
+        }
+        let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
+        let mut first_err = None;
+        for m in models {
+            if let Err(e) = self.poll_model(&m).await {
+                tracing::warn!(model = %m.name, error = %e, "repository poll failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) if e.kind() == ErrorKind::Unavailable => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn poll_model(&self, m: &Arc<Model>) -> Result<()> {
+        if m.view.load().is_none() {
+            if m.runtime.lock().state == "failed" && m.runtime.lock().failed.is_empty() {
+                // A failed first load is retried on every pass: the repository may be fixed.
+            }
+            if let Err(e) = self.load_model(m).await {
+                m.fail(None, e.to_string());
+                return Err(e);
+            }
+            return Ok(());
+        }
+        let _versions = m.versions.lock().await;
+        let (lineage, committed, _, history) = self.read_lineage(&m.name).await?;
+        m.runtime.lock().newest = committed.last().map(|c| c.version);
+        if !lineage.skipped.is_empty() {
+            tracing::debug!(model = %m.name, skipped = ?lineage.skipped, "deltas off the served chain are not applied");
+        }
+        let Some(serving) = m.serving() else { return Ok(()) };
+        // A rollback decided by another node (or the CLI through another node).
+        if lineage.is_dead(serving) {
+            let to = history
+                .iter()
+                .rev()
+                .filter(|r| r.event == EVENT_ROLLED_BACK)
+                .filter_map(|r| r.from_version.map(|f| (r.version, f)))
+                .find(|&(to, from)| serving > to && serving <= from)
+                .map(|(to, _)| to);
+            if let Some(mut to) = to {
+                // The target may itself have been rolled back over since.
+                while lineage.is_dead(to) {
+                    match lineage.chain.iter().rev().find(|c| c.version < to) {
+                        Some(c) => to = c.version,
+                        None => break,
+                    }
+                }
+                tracing::info!(model = %m.name, from = serving, to, "following a rollback recorded in the repository");
+                self.rollback_locked(m, &lineage, serving, to).await?;
+            }
+        }
+        let failed = m.runtime.lock().failed.clone();
+        loop {
+            let Some(serving) = m.serving() else { return Ok(()) };
+            let next = match lineage.position(serving) {
+                Some(p) => lineage.chain.get(p + 1),
+                // Not in the chain: a newer full version started a new one.
+                None => lineage.chain.first().filter(|f| f.version > serving),
+            };
+            let Some(next) = next else { return Ok(()) };
+            if failed.contains(&next.version) {
+                return Ok(());
+            }
+            let outcome = match next.kind {
+                VersionKind::Delta => self.apply_delta(m, next).await,
+                _ => self.apply_full(m, &lineage, next).await,
+            };
+            match outcome {
+                Ok(()) => self.record_served(m, &history, next, serving).await,
+                Err(e) => {
+                    m.stage_bytes.store(0, Ordering::Relaxed);
+                    m.runtime.lock().staged = None;
+                    m.progress_end();
+                    m.fail(Some(next.version), e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn record_served(&self, m: &Model, history: &[HistoryRecord], v: &Manifest, from: u64) {
+        let already = history
+            .iter()
+            .rev()
+            .take_while(|r| r.event != EVENT_ROLLED_BACK)
+            .any(|r| r.event == EVENT_SERVED && r.version == v.version);
+        if already {
+            return;
+        }
+        let detail = match v.parent {
+            Some(p) => format!("{} (parent {p})", v.kind),
+            None => v.kind.to_string(),
+        };
+        let rec = HistoryRecord {
+            seq: 0,
+            time: now_rfc3339(),
+            event: EVENT_SERVED.into(),
+            version: v.version,
+            from_version: Some(from),
+            node: self.inner.config.node_id.clone(),
+            detail,
+        };
+        if let Err(e) = self.repo().append_history(&m.name, &rec).await {
+            tracing::warn!(model = %m.name, version = v.version, error = %e, "could not record a served version in the history");
+        }
+    }
+
+    /// Applies delta `d` (child of the serving version): stage, flip, merge with undo records.
+    async fn apply_delta(&self, m: &Arc<Model>, d: &Manifest) -> Result<()> {
+        let view = self.serving_view(m)?;
+        let from = view.default;
+        let started = Instant::now();
+        self.check_memory(&m.name, d.version, {
+            let rows: Vec<u64> = view
+                .shape
+                .tables
+                .iter()
+                .map(|t| d.table(&t.name).map(|x| x.rows + x.deletes).unwrap_or(0))
+                .collect();
+            view.shape
+                .tables
+                .iter()
+                .zip(rows)
+                .map(|(t, r)| 3 * table_bytes_estimate(r, t.row_bytes + 1))
+                .sum()
+        })?;
+        m.progress_start(d.version, d.rows, d.bytes());
+        let stage = Arc::new(read_delta(self.repo(), m, &view.shape, d).await?);
+        m.progress_end();
+        m.stage_bytes.store(stage.bytes(), Ordering::Relaxed);
+        m.runtime.lock().staged = Some(d.version);
+        // Staged: both versions readable, the old one by default.
+        m.view.store(Some(Arc::new(
+            view.with(from, vec![(from, None), (d.version, Some(stage.clone()))]),
+        )));
+        let mut undo_log = m.write.lock().await;
+        let tables = view.tables.clone();
+        let (undo, tables) = {
+            let stage = stage.clone();
+            tokio::task::spawn_blocking(move || (capture_undo(&tables, &stage), tables))
+                .await
+                .map_err(|e| EngineError::internal(format!("capturing undo records of version {}: {e}", d.version)))?
+        };
+        let undo = Arc::new(undo);
+        // Flip: the new version is the default; the old one stays readable through its undo
+        // record while the merge changes the base tables.
+        m.view.store(Some(Arc::new(view.with(
+            d.version,
+            vec![(d.version, Some(stage.clone())), (from, Some(undo.clone()))],
+        ))));
+        {
+            let stage = stage.clone();
+            tokio::task::spawn_blocking(move || merge(&tables, &stage))
+                .await
+                .map_err(|e| EngineError::internal(format!("merging version {}: {e}", d.version)))?;
+        }
+        m.view.store(Some(Arc::new(view.with(d.version, vec![(d.version, None)]))));
+        m.stage_bytes.store(0, Ordering::Relaxed);
+        m.runtime.lock().staged = None;
+        // The undo log is a contiguous run of the chain ending at the serving version.
+        if undo_log.entries.back().is_some_and(|e| e.version != from) {
+            undo_log.entries.clear();
+        }
+        undo_log.entries.push_back(UndoEntry {
+            version: d.version,
+            parent: from,
+            rows: undo,
+        });
+        self.enforce_undo_budget(m, &mut undo_log);
+        drop(undo_log);
+        tracing::info!(
+            model = %m.name,
+            version = d.version,
+            parent = from,
+            rows = d.rows,
+            seconds = started.elapsed().as_secs_f64(),
+            "delta applied"
+        );
+        Ok(())
+    }
+
+    /// Replaces the serving state by a newer full version (loaded beside it, then swapped).
+    async fn apply_full(&self, m: &Arc<Model>, lineage: &Lineage, f: &Manifest) -> Result<()> {
+        let view = self.serving_view(m)?;
+        let pos = lineage
+            .position(f.version)
+            .ok_or_else(|| EngineError::internal(format!("version {} is not in the chain", f.version)))?;
+        let shape = self.shape(&m.name).await?;
+        self.check_memory(&m.name, f.version, build_estimate(&shape, &lineage.chain[..=pos], f))?;
+        let built = loader::build(self.repo(), m, &shape, lineage, pos, &[], &[]).await?;
+        let mut undo = m.write.lock().await;
+        undo.entries = built.undo.into();
+        m.view
+            .store(Some(Arc::new(View::plain(shape, Arc::new(built.tables), built.version))));
+        self.enforce_undo_budget(m, &mut undo);
+        tracing::info!(model = %m.name, version = f.version, replaced = view.default, "full version loaded");
+        Ok(())
+    }
+
+    /// Rolls the model back to `to`, an earlier version of its served chain: instantly from undo
+    /// records when they cover every version after `to`, else by rebuilding `to` from the
+    /// newest checkpoint at or before it plus deltas, in the background while the current
+    /// version serves. The decision is recorded in the repository's history first, so every
+    /// node and a restarted one serve the same.
+    pub async fn rollback(&self, model: &str, to: u64) -> Result<RollbackReport> {
+        let m = self.model(model)?;
+        let started = Instant::now();
+        let _versions = m.versions.lock().await;
+        let from = self.serving_view(&m)?.default;
+        if to >= from {
+            return Err(EngineError::invalid(format!(
+                "model {model} serves version {from}; a rollback goes to an earlier version of its \
+                 history, not to {to}"
+            )));
+        }
+        let (lineage, _, _, _) = self.read_lineage(model).await?;
+        let Some(pos_to) = lineage.position(to) else {
+            let chain: Vec<String> = lineage.chain.iter().map(|c| c.version.to_string()).collect();
+            return Err(EngineError::precondition(format!(
+                "version {to} of model {model} is not in its served history ({}); choose one of those",
+                chain.join(", ")
+            )));
+        };
+        if lineage.position(from).is_none_or(|p| p < pos_to) {
+            return Err(EngineError::precondition(format!(
+                "model {model} serves version {from}, which is not a descendant of {to}; wait for \
+                 the node to catch up with the repository and retry"
+            )));
+        }
+        let method = self.plan_rollback(&m, &lineage, from, to).await;
+        let rec = HistoryRecord {
+            seq: 0,
+            time: now_rfc3339(),
+            event: EVENT_ROLLED_BACK.into(),
+            version: to,
+            from_version: Some(from),
+            node: self.inner.config.node_id.clone(),
+            detail: format!("method {method}"),
+        };
+        self.repo()
+            .append_history(model, &rec)
+            .await
+            .map_err(|e| EngineError::repository(format!("recording the rollback of model {model} to {to}"), e))?;
+        let mut lineage = lineage;
+        lineage.dead.push((to, from));
+        let method = self.rollback_locked(&m, &lineage, from, to).await?;
+        Ok(RollbackReport {
+            model: model.to_string(),
+            from,
+            to,
+            method: method.to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The chain versions after `to` up to `from` (what a rollback undoes), oldest first.
+    fn undone_versions(lineage: &Lineage, from: u64, to: u64) -> Vec<u64> {
+        let all: Vec<u64> = lineage.chain.iter().map(|c| c.version).collect();
+        let mut out: Vec<u64> = all.into_iter().filter(|v| *v > to && *v <= from).collect();
+        // `from` may be dead already in `lineage` (a rollback being followed): keep it.
+        if !out.contains(&from) {
+            out.push(from);
+        }
+        out
+    }
+
+    async fn plan_rollback(&self, m: &Model, lineage: &Lineage, from: u64, to: u64) -> &'static str {
+        let undo = m.write.lock().await;
+        let versions = Self::undone_versions(lineage, from, to);
+        let ok = undo.covering(&versions).is_some() && undo.entries.iter().any(|e| e.parent == to);
+        if ok { "undo" } else { "rebuild" }
+    }
+
+    /// Switches the serving state from `from` to `to`; the caller holds the versions lock.
+    async fn rollback_locked(&self, m: &Arc<Model>, lineage: &Lineage, from: u64, to: u64) -> Result<&'static str> {
+        let view = self.serving_view(m)?;
+        let mut undo_log = m.write.lock().await;
+        // Undo versions: the undo log holds contiguous entries up to `from`; take those after `to`.
+        let chain_after: Vec<u64> = undo_log
+            .entries
+            .iter()
+            .skip_while(|e| e.parent != to)
+            .map(|e| e.version)
+            .collect();
+        let undoable = chain_after.last() == Some(&from) && !chain_after.is_empty();
+        if undoable {
+            let records: Vec<_> = undo_log
+                .entries
+                .iter()
+                .rev()
+                .take(chain_after.len())
+                .map(|e| e.rows.clone())
+                .collect();
+            let tables = view.tables.clone();
+            let (rb, forward, tables) = tokio::task::spawn_blocking(move || {
+                let rb = compose_undo(&records);
+                let forward = capture_undo(&tables, &rb);
+                (rb, forward, tables)
+            })
+            .await
+            .map_err(|e| EngineError::internal(format!("composing the rollback to {to}: {e}")))?;
+            let rb = Arc::new(rb);
+            m.stage_bytes.store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
+            m.view.store(Some(Arc::new(
+                view.with(to, vec![(to, Some(rb.clone())), (from, Some(Arc::new(forward)))]),
+            )));
+            {
+                let rb = rb.clone();
+                tokio::task::spawn_blocking(move || merge(&tables, &rb))
+                    .await
+                    .map_err(|e| EngineError::internal(format!("merging the rollback to {to}: {e}")))?;
+            }
+            m.view.store(Some(Arc::new(view.with(to, vec![(to, None)]))));
+            m.stage_bytes.store(0, Ordering::Relaxed);
+            let keep = undo_log.entries.len() - chain_after.len();
+            undo_log.entries.truncate(keep);
+            self.enforce_undo_budget(m, &mut undo_log);
+            tracing::info!(model = %m.name, from, to, method = "undo", "rolled back");
+            return Ok("undo");
+        }
+        drop(undo_log);
+        // Rebuild in the background of this task; the current version keeps serving.
+        let pos = lineage.position(to).ok_or_else(|| {
+            EngineError::precondition(format!("version {to} of model {} is not in its served history", m.name))
+        })?;
+        let checkpoints = self
+            .repo()
+            .checkpoints(&m.name)
+            .await
+            .map_err(|e| EngineError::repository(format!("listing checkpoints of model {}", m.name), e))?;
+        let records = wal::read_all(&self.wal_dir(&m.name))?;
+        let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
+            .map(|(c, _)| c.clone())
+            .unwrap_or_else(|| lineage.chain[0].clone());
+        self.check_memory(&m.name, to, build_estimate(&view.shape, &lineage.chain[..=pos], &base))?;
+        let built = loader::build(self.repo(), m, &view.shape, lineage, pos, &checkpoints, &records).await?;
+        let mut undo_log = m.write.lock().await;
+        undo_log.entries = built.undo.into();
+        m.view.store(Some(Arc::new(View::plain(
+            view.shape.clone(),
+            Arc::new(built.tables),
+            built.version,
+        ))));
+        self.enforce_undo_budget(m, &mut undo_log);
+        tracing::info!(model = %m.name, from, to, method = "rebuild", from_state = %built.detail, "rolled back");
+        Ok("rebuild")
+    }
+
+    /// Spawns the watcher: polls the repository every `poll_interval` and writes scheduled
+    /// checkpoints, until `shutdown` turns true.
+    pub fn spawn_background(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let every = engine.inner.config.poll_interval;
+            loop {
+                if *shutdown.borrow() {
+                    break;
+                }
+                if let Err(e) = engine.poll_repository().await {
+                    tracing::warn!(error = %e, "repository watcher pass failed");
+                }
+                engine.scheduled_checkpoints().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    changed = shutdown.changed() => {
+                        if changed.is_err() { break; }
+                    }
+                }
+            }
+        })
+    }
+
+    async fn scheduled_checkpoints(&self) {
+        let Some(every) = self.inner.config.checkpoint_interval else { return };
+        let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
+        for m in models {
+            if m.view.load().is_none() {
+                continue;
+            }
+            let due = {
+                let mut rt = m.runtime.lock();
+                let last = *rt.last_checkpoint.get_or_insert_with(Instant::now);
+                last.elapsed() >= every
+            };
+            if due && let Err(e) = self.checkpoint(&m.name).await {
+                tracing::warn!(model = %m.name, error = %e, "scheduled checkpoint failed");
+            }
+        }
+    }
+
+    /// Table facts a client needs: dim, dtype, missing-key policy, optimizer.
+    pub fn table_meta(&self, model: &str, table: &str) -> Result<TableMeta> {
+        let m = self.model(model)?;
+        let view = self.serving_view(&m)?;
+        let t = view.shape.table_index(table)?;
+        let ts = &view.shape.tables[t];
+        Ok(TableMeta {
+            dim: ts.dim as u32,
+            dtype: ts.dtype.clone(),
+            missing: ts.missing_name().to_string(),
+            optimizer: ts.optimizer.map(|o| o.name().to_string()),
+        })
+    }
+
+    /// Rows of `keys` in one table. `out.len() == keys.len() * dim`, `found.len() == keys.len()`.
+    /// Missing keys get the table's policy (zeros or the deterministic per-key init); with
+    /// policy `error` the first missing key is a `NotFound` error. Returns the version served.
+    pub fn lookup(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+        version: Option<u64>,
+        out: &mut [f32],
+        found: &mut [bool],
+    ) -> Result<u64> {
+        let m = self.model(model)?;
+        let guard = m.view.load();
+        let view = guard.as_ref().ok_or_else(|| self.serving_view(&m).err().unwrap_or_else(|| {
+            EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
+        }))?;
+        let (v, overlay) = view.resolve(version)?;
+        let t = view.shape.table_index(table)?;
+        view.read(overlay, t, keys, out, found)?;
+        Ok(v)
+    }
+
+    /// Several tables of one model, all at one version (loaded once for the whole request).
+    pub fn multi_lookup(&self, model: &str, version: Option<u64>, tables: &mut [TableLookup<'_>]) -> Result<u64> {
+        let m = self.model(model)?;
+        let guard = m.view.load();
+        let view = guard.as_ref().ok_or_else(|| self.serving_view(&m).err().unwrap_or_else(|| {
+            EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
+        }))?;
+        let (v, overlay) = view.resolve(version)?;
+        for tl in tables.iter_mut() {
+            let t = view.shape.table_index(tl.table)?;
+            view.read(overlay, t, tl.keys, tl.out, tl.found)?;
+        }
+        Ok(v)
+    }
+
+    /// Inserts or overwrites rows; durable (in the WAL) when it returns.
+    pub async fn upsert(&self, model: &str, table: &str, keys: &[u64], values: &[f32]) -> Result<WriteAck> {
+        self.write(model, table, WalOp::Upsert, keys, values).await
+    }
+
+    /// Removes rows; durable when it returns.
+    pub async fn delete(&self, model: &str, table: &str, keys: &[u64]) -> Result<WriteAck> {
+        self.write(model, table, WalOp::Delete, keys, &[]).await
+    }
+
+    /// Applies gradients with the table's optimizer; durable when it returns. A key without a
+    /// row starts from the table's missing-key row (zeros for policy `error`).
+    pub async fn push(&self, model: &str, table: &str, keys: &[u64], gradients: &[f32]) -> Result<WriteAck> {
+        self.write(model, table, WalOp::Push, keys, gradients).await
+    }
+
+    async fn write(&self, model: &str, table: &str, op: WalOp, keys: &[u64], values: &[f32]) -> Result<WriteAck> {
+        let m = self.model(model)?;
+        let view = self.serving_view(&m)?;
+        let t = view.shape.table_index(table)?;
+        let ts = &view.shape.tables[t];
+        let expect = if op == WalOp::Delete { 0 } else { keys.len() * ts.dim };
+        if values.len() != expect {
+            return Err(EngineError::invalid(format!(
+                "model {model} table {table}: {} keys need {expect} values (dim {}), got {}",
+                keys.len(),
+                ts.dim,
+                values.len()
+            )));
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(EngineError::invalid(format!(
+                "model {model} table {table}: value {} for key {} is not finite; send finite numbers",
+                values[i],
+                keys[i / ts.dim.max(1)]
+            )));
+        }
+        if op == WalOp::Push && ts.optimizer.is_none() {
+            return Err(EngineError::precondition(format!(
+                "model {model} table {table} has no optimizer; set one in model.json to accept \
+                 pushes, or use upsert"
+            )));
+        }
+        let wal = m.wal.get().ok_or_else(|| {
+            EngineError::new(ErrorKind::Unavailable, format!("model {model} is still loading; retry"))
+        })?;
+        let undo_log = m.write.lock().await;
+        // The view may have changed while waiting (a merge finished, a rebuild swapped tables).
+        let view = self.serving_view(&m)?;
+        let version = view.default;
+        let seq = wal.append(version, op, table, keys, values)?;
+        let undo = undo_log.entries.back().filter(|e| e.version == version).map(|e| e.rows.clone());
+        let mut scratch = WriteScratch::default();
+        apply_write(&view.shape, &view.tables, undo.as_deref(), t, op, keys, values, &mut scratch)?;
+        if undo.is_some() {
+            m.undo_bytes.store(undo_log.bytes(), Ordering::Relaxed);
+        }
+        drop(undo_log);
+        wal.wait_durable(seq).await?;
+        Ok(WriteAck {
+            version,
+            rows: keys.len() as u64,
+            sequence: seq,
+        })
+    }
+
+    /// Writes a checkpoint of the serving version (with the online writes applied so far) into
+    /// the repository, then truncates the WAL it covers and applies the retention policy.
+    /// Lookups go on; online writes and version changes wait until the tables are copied.
+    pub async fn checkpoint(&self, model: &str) -> Result<CheckpointReport> {
+        let m = self.model(model)?;
+        let started = Instant::now();
+        let _versions = m.versions.lock().await;
+        let view = self.serving_view(&m)?;
+        let version = view.default;
+        let undo_log = m.write.lock().await;
+        let seq = m.wal.get().map(|w| w.last_sequence()).unwrap_or(0);
+        let what = || format!("writing checkpoint {version} of model {model}");
+        // A second checkpoint of the same version (more online writes since) replaces the
+        // first when it commits; until then the first stays usable.
+        let mut writer = self
+            .repo()
+            .checkpoint_writer(model, version)
+            .await
+            .map_err(|e| EngineError::repository(what(), e))?;
+        let mut rows = 0u64;
+        for (t, ts) in view.shape.tables.iter().enumerate() {
+            for (s, table) in view.tables.shards[t].iter().enumerate() {
+                let (keys, data) = loader::snapshot_shard(table);
+                rows += keys.len() as u64;
+                let written = writer
+                    .write_segment(&ts.name, s as u32, &ts.dtype, ts.dim as u32, ts.row_bytes as u32, &keys, &data)
+                    .await;
+                if let Err(e) = written {
+                    writer.abort().await;
+                    return Err(EngineError::repository(what(), e));
+                }
+            }
+        }
+        let manifest = writer
+            .commit(Some(seq))
+            .await
+            .map_err(|e| EngineError::repository(what(), e))?;
+        drop(undo_log);
+        if let Some(w) = m.wal.get() {
+            w.truncate_through(seq).await?;
+        }
+        m.runtime.lock().last_checkpoint = Some(Instant::now());
+        self.apply_retention(model).await?;
+        let report = CheckpointReport {
+            model: model.to_string(),
+            version,
+            rows,
+            bytes: manifest.bytes(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(model, version, rows, bytes = report.bytes, seconds = report.seconds, "checkpoint written");
+        Ok(report)
+    }
+
+    async fn apply_retention(&self, model: &str) -> Result<()> {
+        let keep = self.inner.config.checkpoint_retention.max(1);
+        let mut all = self
+            .repo()
+            .checkpoints(model)
+            .await
+            .map_err(|e| EngineError::repository(format!("listing checkpoints of model {model}"), e))?;
+        all.sort_by_key(|c| c.version);
+        let excess = all.len().saturating_sub(keep);
+        for c in &all[..excess] {
+            self.repo()
+                .delete_checkpoint(model, c.version)
+                .await
+                .map_err(|e| EngineError::repository(format!("deleting checkpoint {} of model {model}", c.version), e))?;
+        }
+        Ok(())
+    }
+
+    /// The models of this node.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner
+            .models
+            .load()
+            .values()
+            .map(|m| {
+                let view = m.view.load_full();
+                ModelInfo {
+                    name: m.name.clone(),
+                    shards: view.as_ref().map(|v| v.shape.shards).unwrap_or(0),
+                    tables: view.as_ref().map(|v| table_statuses(v)).unwrap_or_default(),
+                    serving_version: view.as_ref().map(|v| v.default),
+                }
+            })
+            .collect()
+    }
+
+    /// The node's state, for `/status`, metrics and `hopps status`.
+    pub fn status(&self) -> NodeStatus {
+        let models: Vec<ModelStatus> = self
+            .inner
+            .models
+            .load()
+            .values()
+            .map(|m| {
+                let view = m.view.load_full();
+                let rt = m.runtime.lock();
+                let tables = view.as_ref().map(|v| table_statuses(v)).unwrap_or_default();
+                let rows = tables.iter().map(|t| t.rows).sum();
+                let cap: u64 = tables.iter().map(|t| t.capacity).sum();
+                ModelStatus {
+                    name: m.name.clone(),
+                    state: if view.is_some() { "serving" } else { rt.state }.to_string(),
+                    serving_version: view.as_ref().map(|v| v.default),
+                    newest_version: rt.newest,
+                    load: rt.load.clone(),
+                    last_error: rt.last_error.clone(),
+                    load_failures: m.load_failures.load(Ordering::Relaxed),
+                    rows,
+                    memory_bytes: m.memory_bytes(),
+                    undo_bytes: m.undo_bytes.load(Ordering::Relaxed),
+                    load_factor: if cap > 0 { rows as f64 / cap as f64 } else { 0.0 },
+                    tables,
+                }
+            })
+            .collect();
+        NodeStatus {
+            node_id: self.inner.config.node_id.clone(),
+            ready: self.is_ready(),
+            memory_used: models.iter().map(|m| m.memory_bytes).sum(),
+            memory_limit: self.inner.config.memory_limit,
+            wal_bytes: self
+                .inner
+                .models
+                .load()
+                .values()
+                .filter_map(|m| m.wal.get().map(|w| w.bytes()))
+                .sum(),
+            models,
+        }
+    }
+
+    /// Every version of a model in the repository with its state on this node.
+    pub async fn versions(&self, model: &str) -> Result<Vec<VersionState>> {
+        let m = self.model(model)?;
+        let (lineage, committed, aborted, _) = self.read_lineage(model).await?;
+        let view = m.view.load_full();
+        let serving = view.as_ref().map(|v| v.default);
+        let (staged, failed) = {
+            let rt = m.runtime.lock();
+            (rt.staged, rt.failed.clone())
+        };
+        let mut out: Vec<VersionState> = committed
+            .iter()
+            .map(|c| {
+                let state = if Some(c.version) == serving {
+                    "serving"
+                } else if Some(c.version) == staged {
+                    "staged"
+                } else if lineage.is_dead(c.version) {
+                    "rolled_back"
+                } else if failed.contains(&c.version) {
+                    "failed"
+                } else {
+                    "committed"
+                };
+                VersionState {
+                    version: c.version,
+                    kind: c.kind.to_string(),
+                    parent: c.parent,
+                    rows: c.rows,
+                    created: c.created.clone(),
+                    source: c.source.clone(),
+                    state: state.to_string(),
+                }
+            })
+            .collect();
+        out.extend(aborted.iter().map(|&v| VersionState {
+            version: v,
+            kind: String::new(),
+            parent: None,
+            rows: 0,
+            created: String::new(),
+            source: String::new(),
+            state: "aborted".to_string(),
+        }));
+        out.sort_by_key(|v| v.version);
+        Ok(out)
+    }
+
+    /// The model's append-only history of served versions and rollbacks.
+    pub async fn history(&self, model: &str) -> Result<Vec<HistoryEvent>> {
+        self.model(model)?;
+        let records = self
+            .repo()
+            .history(model)
+            .await
+            .map_err(|e| EngineError::repository(format!("reading the history of model {model}"), e))?;
+        Ok(records
+            .into_iter()
+            .map(|r| HistoryEvent {
+                time: r.time,
+                event: r.event,
+                version: r.version,
+                from_version: r.from_version,
+                detail: if r.node.is_empty() { r.detail } else { format!("{} (node {})", r.detail, r.node) },
+            })
+            .collect())
+    }
+}
+
+fn table_statuses(view: &View) -> Vec<TableStatus> {
+    view.shape
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, ts)| {
+            let shards = &view.tables.shards[t];
+            let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
+            let capacity: u64 = shards.iter().map(|s| s.capacity() as u64).sum();
+            TableStatus {
+                name: ts.name.clone(),
+                dim: ts.dim as u32,
+                dtype: ts.dtype.clone(),
+                missing: ts.missing_name().to_string(),
+                optimizer: ts.optimizer.map(|o| o.name().to_string()),
+                rows,
+                capacity,
+                load_factor: if capacity > 0 { rows as f64 / capacity as f64 } else { 0.0 },
+                bytes: shards.iter().map(|s| s.bytes_used() as u64).sum(),
+            }
+        })
+        .collect()
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync + Clone>() {}
+    is::<Engine>();
+}

@@ -1,0 +1,303 @@
+//! What readers see: the base tables of a model plus, while a version change is in flight, one
+//! overlay per readable version.
+//!
+//! A [`View`] is immutable; a version change publishes a new one with a single atomic swap, so
+//! a lookup loads one view per request (never per key) and reads a consistent version from it:
+//!
+//! | phase of applying `V+1` | default | readable (version: overlay over base) |
+//! |---|---|---|
+//! | serving | `V` | `V`: none |
+//! | staged | `V` | `V`: none; `V+1`: staged rows |
+//! | merging (after the flip) | `V+1` | `V+1`: staged rows; `V`: undo record |
+//! | done | `V+1` | `V+1`: none |
+//!
+//! Invariant: while the base tables are being changed by a merge, every readable version has an
+//! overlay that holds every key the merge touches, so what the base says about those keys is
+//! never used and a reader never mixes `V` and `V+1`.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use hopps_format::{MissingPolicy, shard_of};
+use hopps_table::Table;
+
+use crate::error::{EngineError, Result};
+use crate::rows::TableShape;
+
+/// A model's shape: shard count and tables (fixed when the model is created).
+#[derive(Debug)]
+pub(crate) struct Shape {
+    pub model: String,
+    pub shards: u32,
+    pub tables: Vec<TableShape>,
+}
+
+impl Shape {
+    pub(crate) fn table_index(&self, table: &str) -> Result<usize> {
+        self.tables.iter().position(|t| t.name == table).ok_or_else(|| {
+            let names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
+            EngineError::not_found(format!(
+                "model {} has no table {table:?}; its tables are {}",
+                self.model,
+                names.join(", ")
+            ))
+        })
+    }
+}
+
+/// Tables indexed `[table][shard]`.
+pub(crate) struct Tables {
+    pub shards: Vec<Vec<Table>>,
+}
+
+impl Tables {
+    /// Empty tables sized for `rows[t]` rows per table, spread over the shards.
+    pub(crate) fn with_rows(shape: &Shape, extra_row_bytes: usize, rows: &[u64]) -> Tables {
+        let s = shape.shards as usize;
+        let shards = shape
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(t, ts)| {
+                let per_shard = rows.get(t).copied().unwrap_or(0) as usize / s.max(1);
+                // Keys spread unevenly over shards: leave a little room so most shards never grow.
+                let cap = per_shard + per_shard / 16 + 16;
+                (0..s)
+                    .map(|_| Table::with_capacity(ts.row_bytes + extra_row_bytes, cap))
+                    .collect()
+            })
+            .collect();
+        Tables { shards }
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.shards.iter().flatten().map(|t| t.bytes_used() as u64).sum()
+    }
+}
+
+/// Rows keyed like the base tables whose first byte is a tag: [`PRESENT`] then the full row, or
+/// [`ABSENT`] (the key has no row in the version the set stands for). Used for staged deltas,
+/// rollback deltas and undo records.
+pub(crate) type RowSet = Tables;
+
+pub(crate) const ABSENT: u8 = 0;
+pub(crate) const PRESENT: u8 = 1;
+
+/// One immutable state of a model for readers.
+pub(crate) struct View {
+    pub shape: Arc<Shape>,
+    pub tables: Arc<Tables>,
+    /// The version served when a request pins none.
+    pub default: u64,
+    /// Readable versions and the overlay each one is read through.
+    pub readable: Vec<(u64, Option<Arc<RowSet>>)>,
+}
+
+impl View {
+    pub(crate) fn plain(shape: Arc<Shape>, tables: Arc<Tables>, version: u64) -> View {
+        View {
+            shape,
+            tables,
+            default: version,
+            readable: vec![(version, None)],
+        }
+    }
+
+    pub(crate) fn with(&self, default: u64, readable: Vec<(u64, Option<Arc<RowSet>>)>) -> View {
+        View {
+            shape: self.shape.clone(),
+            tables: self.tables.clone(),
+            default,
+            readable,
+        }
+    }
+
+    /// The version to read and its overlay.
+    pub(crate) fn resolve(&self, version: Option<u64>) -> Result<(u64, Option<&RowSet>)> {
+        let v = version.unwrap_or(self.default);
+        match self.readable.iter().find(|(rv, _)| *rv == v) {
+            Some((_, overlay)) => Ok((v, overlay.as_deref())),
+            None => {
+                let list: Vec<String> = self.readable.iter().map(|(v, _)| v.to_string()).collect();
+                Err(EngineError::precondition(format!(
+                    "model {}: version {v} is not readable on this node (readable now: {}); pin \
+                     one of those or send no version to get the served one ({})",
+                    self.shape.model,
+                    list.join(", "),
+                    self.default
+                )))
+            }
+        }
+    }
+
+    /// Reads the rows of `keys` in table `t` at the resolved version into `out` (decoded,
+    /// `keys.len() * dim` floats), applying the missing-key policy; `found[i]` says whether
+    /// key `i` has a row. No allocation once the thread's scratch buffers have grown.
+    pub(crate) fn read(
+        &self,
+        overlay: Option<&RowSet>,
+        t: usize,
+        keys: &[u64],
+        out: &mut [f32],
+        found: &mut [bool],
+    ) -> Result<()> {
+        let shape = &self.shape.tables[t];
+        let dim = shape.dim;
+        if out.len() != keys.len() * dim || found.len() != keys.len() {
+            return Err(EngineError::invalid(format!(
+                "model {} table {}: {} keys need an output of {} floats (dim {dim}) and {} found \
+                 flags, got {} and {}",
+                self.shape.model,
+                shape.name,
+                keys.len(),
+                keys.len() * dim,
+                keys.len(),
+                out.len(),
+                found.len()
+            )));
+        }
+        SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let s = &mut *guard;
+            s.group(keys, self.shape.shards);
+            let n = keys.len();
+            let vb = shape.value_bytes;
+            s.rows.resize(n * vb, 0);
+            s.hits.clear();
+            s.hits.resize(n, false);
+            let ob = vb + 1;
+            if overlay.is_some() {
+                s.orows.resize(n * ob, 0);
+                s.ohits.clear();
+                s.ohits.resize(n, false);
+            }
+            let shard_count = self.shape.shards as usize;
+            for shard in 0..shard_count {
+                let (a, b) = (s.starts[shard] as usize, s.starts[shard + 1] as usize);
+                if a == b {
+                    continue;
+                }
+                let skeys = &s.skeys[a..b];
+                self.tables.shards[t][shard].lookup_batch(skeys, &mut s.rows[a * vb..b * vb], &mut s.hits[a..b]);
+                if let Some(ov) = overlay {
+                    ov.shards[t][shard].lookup_batch(skeys, &mut s.orows[a * ob..b * ob], &mut s.ohits[a..b]);
+                }
+            }
+            for j in 0..n {
+                let i = s.idx[j] as usize;
+                let dst = &mut out[i * dim..(i + 1) * dim];
+                let src = if overlay.is_some() && s.ohits[j] {
+                    let r = &s.orows[j * ob..(j + 1) * ob];
+                    (r[0] == PRESENT).then_some(&r[1..])
+                } else if s.hits[j] {
+                    Some(&s.rows[j * vb..(j + 1) * vb])
+                } else {
+                    None
+                };
+                match src {
+                    Some(row) => {
+                        found[i] = true;
+                        shape.layout.decode(row, dst);
+                    }
+                    None => {
+                        found[i] = false;
+                        shape.fill_missing(keys[i], dst);
+                    }
+                }
+            }
+            Ok::<(), EngineError>(())
+        })?;
+        if matches!(shape.missing, MissingPolicy::Error)
+            && let Some(i) = found.iter().position(|f| !f)
+        {
+            return Err(EngineError::not_found(format!(
+                "model {} table {}: key {} (index {i} of the request) has no row and the table's \
+                 missing-key policy is \"error\"; look up only existing keys or change the policy",
+                self.shape.model, shape.name, keys[i]
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Per-thread buffers of the lookup path, grown to the largest request seen and reused.
+#[derive(Default)]
+struct Scratch {
+    /// Shard of each request key.
+    sid: Vec<u32>,
+    /// `starts[s]..starts[s+1]`: the grouped positions of shard `s`.
+    starts: Vec<u32>,
+    /// Grouped position -> request index.
+    idx: Vec<u32>,
+    /// Keys in grouped order.
+    skeys: Vec<u64>,
+    rows: Vec<u8>,
+    hits: Vec<bool>,
+    orows: Vec<u8>,
+    ohits: Vec<bool>,
+}
+
+impl Scratch {
+    /// Groups request keys by shard (a counting sort, stable within a shard).
+    fn group(&mut self, keys: &[u64], shards: u32) {
+        let s = shards as usize;
+        let n = keys.len();
+        self.starts.clear();
+        self.starts.resize(s + 1, 0);
+        self.sid.clear();
+        for &k in keys {
+            let sh = if shards == 1 { 0 } else { shard_of(k, shards) };
+            self.sid.push(sh);
+            self.starts[sh as usize + 1] += 1;
+        }
+        for i in 0..s {
+            self.starts[i + 1] += self.starts[i];
+        }
+        self.idx.resize(n, 0);
+        self.skeys.resize(n, 0);
+        // `starts` is restored below: fill positions by advancing a cursor per shard.
+        for (i, &sh) in self.sid.iter().enumerate() {
+            let pos = &mut self.starts[sh as usize];
+            self.idx[*pos as usize] = i as u32;
+            self.skeys[*pos as usize] = keys[i];
+            *pos += 1;
+        }
+        // Each start now equals the next shard's start; shift back by one shard.
+        for i in (1..=s).rev() {
+            self.starts[i] = self.starts[i - 1];
+        }
+        self.starts[0] = 0;
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_is_a_stable_partition_by_shard() {
+        let mut s = Scratch::default();
+        let keys: Vec<u64> = (0..1000u64).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+        s.group(&keys, 8);
+        assert_eq!(s.starts[0], 0);
+        assert_eq!(s.starts[8] as usize, keys.len());
+        let mut seen = vec![false; keys.len()];
+        for sh in 0..8 {
+            let (a, b) = (s.starts[sh] as usize, s.starts[sh + 1] as usize);
+            let mut last = None;
+            for j in a..b {
+                let i = s.idx[j] as usize;
+                assert_eq!(shard_of(keys[i], 8) as usize, sh);
+                assert_eq!(s.skeys[j], keys[i]);
+                assert!(last.is_none_or(|l| l < i), "stable within a shard");
+                last = Some(i);
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|&x| x));
+    }
+}
