@@ -68,6 +68,8 @@ impl DataSet {
 /// A hopps model repository in a local directory, holding one model of one table.
 pub struct HoppsRepo {
     pub repo: Repository,
+    /// The repository's directory, as `hopps serve --repo` takes it.
+    pub dir: std::path::PathBuf,
     pub model: String,
     pub shards: u32,
 }
@@ -80,6 +82,7 @@ impl HoppsRepo {
             .with_context(|| format!("opening the model repository {}", dir.display()))?;
         Ok(HoppsRepo {
             repo,
+            dir: dir.to_path_buf(),
             model: model.to_string(),
             shards,
         })

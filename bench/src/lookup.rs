@@ -21,14 +21,16 @@ use crate::dataset::{DataSet, HoppsRepo, REDIS_PREFIX, TABLE, check_rows, f32s_o
 use crate::measure::{Latencies, Spread, interleave};
 use crate::report::Record;
 use crate::resp::RespConnection;
-use crate::servers::{HoppsServer, RedisServer, Sides};
+use crate::servers::{HoppsServer, RedisServer, Sides, SystemArgs, runtime};
 use crate::workload::{Batches, Dist};
 
 const MODEL: &str = "lookup";
 
 /// Flags of the lookup suite (lists are comma-separated).
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LookupArgs {
+    #[command(flatten)]
+    pub system: SystemArgs,
     /// Rows per table. Default: 1000000 (20000 with --quick).
     #[arg(long)]
     pub keys: Option<u64>,
@@ -111,7 +113,13 @@ fn figures(rounds: &mut [Round]) -> SideFigures {
     }
 }
 
-pub async fn run(sides: &Sides, args: &LookupArgs) -> anyhow::Result<()> {
+/// Runs the suite as `hopps-bench lookup` does.
+pub fn run(args: &LookupArgs, options: crate::Options) -> anyhow::Result<()> {
+    let sides = Sides::resolve(&args.system, options.quick, options.json)?;
+    runtime()?.block_on(suite(&sides, args))
+}
+
+pub async fn suite(sides: &Sides, args: &LookupArgs) -> anyhow::Result<()> {
     let quick = sides.quick;
     let rows = args.keys.unwrap_or(if quick { 20_000 } else { 1_000_000 });
     let dims = args.dims.clone().unwrap_or_else(|| vec![16, 64, 128]);

@@ -69,6 +69,7 @@ impl Sides {
         RedisOptions {
             binary: self.redis_bin.clone(),
             fsync_always: false,
+            dir: None,
         }
     }
 
@@ -83,6 +84,16 @@ impl Sides {
             extra_args: Vec::new(),
         }
     }
+}
+
+/// The client side's async runtime: two worker threads, as many as the test machines have
+/// cores, so that two client connections can run in parallel.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the client's async runtime")
 }
 
 /// How long a server may take to answer its first request.
@@ -163,13 +174,16 @@ pub struct RedisOptions {
     /// `appendonly yes` + `appendfsync always`: every write durable before its reply, the
     /// guarantee hopps' write-ahead log gives; otherwise no persistence at all.
     pub fsync_always: bool,
+    /// Working directory (append-only file); `None`: a fresh temporary one. Giving the same
+    /// directory to a restarted server makes it reload what the previous one wrote.
+    pub dir: Option<PathBuf>,
 }
 
 /// A `redis-server` on 127.0.0.1 with persistence off (or AOF with fsync on every write).
 pub struct RedisServer {
     process: Process,
     port: u16,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
@@ -186,17 +200,27 @@ impl RedisServer {
     }
 
     async fn start_once(options: &RedisOptions) -> anyhow::Result<RedisServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("hopps-bench-redis-")
-            .tempdir()
-            .context("creating a directory for redis-server")?;
+        let temp = match &options.dir {
+            Some(_) => None,
+            None => Some(
+                tempfile::Builder::new()
+                    .prefix("hopps-bench-redis-")
+                    .tempdir()
+                    .context("creating a directory for redis-server")?,
+            ),
+        };
+        let dir: &Path = match (&options.dir, &temp) {
+            (Some(d), _) => d,
+            (None, Some(t)) => t.path(),
+            (None, None) => bail!("no directory for redis-server"),
+        };
         let port = free_port()?;
-        let log = dir.path().join("redis.log");
+        let log = dir.join("redis.log");
         let mut cmd = Command::new(&options.binary);
         cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--daemonize", "no", "--protected-mode", "yes"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .arg("--logfile")
             .arg(&log);
         if options.fsync_always {
@@ -237,7 +261,7 @@ impl RedisServer {
         Ok(RedisServer {
             process,
             port,
-            _dir: dir,
+            _dir: temp,
         })
     }
 
@@ -502,6 +526,7 @@ mod tests {
         let server = RedisServer::start(&RedisOptions {
             binary,
             fsync_always: false,
+            dir: None,
         })
         .await
         .expect("redis starts");

@@ -21,27 +21,27 @@ use std::time::Duration;
 use crate::{CallError, ConnectOptions, Handle, code};
 
 /// Success.
-pub const HOPPS_OK: i32 = code::OK;
+pub const HOPPS_OK: i32 = 0;
 /// The call was cancelled.
-pub const HOPPS_CANCELLED: i32 = code::CANCELLED;
+pub const HOPPS_CANCELLED: i32 = 1;
 /// An error without a more precise code.
-pub const HOPPS_UNKNOWN: i32 = code::UNKNOWN;
+pub const HOPPS_UNKNOWN: i32 = 2;
 /// A bad argument: NULL where a value is required, a string that is not UTF-8, a bad address,
 /// or a request the server rejects.
-pub const HOPPS_INVALID_ARGUMENT: i32 = code::INVALID_ARGUMENT;
+pub const HOPPS_INVALID_ARGUMENT: i32 = 3;
 /// The call's deadline passed before the answer came.
-pub const HOPPS_DEADLINE_EXCEEDED: i32 = code::DEADLINE_EXCEEDED;
+pub const HOPPS_DEADLINE_EXCEEDED: i32 = 4;
 /// Unknown model or table.
-pub const HOPPS_NOT_FOUND: i32 = code::NOT_FOUND;
+pub const HOPPS_NOT_FOUND: i32 = 5;
 /// The call cannot run in this state (e.g. from a thread that runs a tokio runtime, or a pinned
 /// version the node can no longer read).
-pub const HOPPS_FAILED_PRECONDITION: i32 = code::FAILED_PRECONDITION;
+pub const HOPPS_FAILED_PRECONDITION: i32 = 9;
 /// An output buffer is too small; the needed dims are reported, grow the buffer and call again.
-pub const HOPPS_OUT_OF_RANGE: i32 = code::OUT_OF_RANGE;
+pub const HOPPS_OUT_OF_RANGE: i32 = 11;
 /// A bug in hopps; the message says where.
-pub const HOPPS_INTERNAL: i32 = code::INTERNAL;
+pub const HOPPS_INTERNAL: i32 = 13;
 /// The node cannot be reached; a retry (maybe later) can succeed.
-pub const HOPPS_UNAVAILABLE: i32 = code::UNAVAILABLE;
+pub const HOPPS_UNAVAILABLE: i32 = 14;
 
 /// An open connection to a hopps node (opaque).
 ///
@@ -313,7 +313,7 @@ pub unsafe extern "C" fn hopps_error_free(err: *mut HoppsError) {
 ///
 /// # Safety
 /// `addr` is a NUL-terminated string; `options` is NULL or points to a `hopps_options`; `out`
-/// points to writable storage for one `hopps_client *`; `err` follows the module conventions.
+/// points to writable storage for one `hopps_client *`; `err` follows the conventions at the top of this header.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hopps_connect(
     addr: *const c_char,
@@ -390,7 +390,7 @@ pub unsafe extern "C" fn hopps_client_free(client: *mut HoppsClient) {
 /// `client` is a live handle; `model` and `table` are NUL-terminated strings; `keys` points to
 /// `n_keys` keys (NULL if 0); `values` to `values_len` writable floats and `found` to
 /// `found_len` writable bytes (NULL if 0), neither overlapping the other or `keys`; `version`,
-/// `dim_out`, `version_out` are NULL or valid; `err` follows the module conventions.
+/// `dim_out`, `version_out` are NULL or valid; `err` follows the conventions at the top of this header.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hopps_lookup(
     client: *const HoppsClient,
@@ -456,7 +456,7 @@ pub unsafe extern "C" fn hopps_lookup(
 /// `tables` and `key_counts` point to `n_tables` entries; `keys` to the sum of `key_counts`
 /// keys; `values`, `found`, `dims_out` to `values_len` floats, `found_len` bytes and
 /// `n_tables` u32 (all writable, none overlapping another buffer); `version` and `version_out`
-/// NULL or valid; `err` follows the module conventions.
+/// NULL or valid; `err` follows the conventions at the top of this header.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hopps_multi_lookup(
     client: *const HoppsClient,
@@ -524,7 +524,7 @@ pub unsafe extern "C" fn hopps_multi_lookup(
 ///
 /// # Safety
 /// `client` is a live handle; `model` and `table` are NUL-terminated strings; `dim_out` points
-/// to a writable u32; `err` follows the module conventions.
+/// to a writable u32; `err` follows the conventions at the top of this header.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hopps_table_dim(
     client: *const HoppsClient,
@@ -559,7 +559,7 @@ pub unsafe extern "C" fn hopps_table_dim(
 /// # Safety
 /// `client` is a live handle; `model` and `table` are NUL-terminated strings; `keys` points to
 /// `n_keys` keys and `values` to `n_values` floats (NULL if 0); `ack_out` is NULL or writable;
-/// `err` follows the module conventions.
+/// `err` follows the conventions at the top of this header.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hopps_upsert(
     client: *const HoppsClient,
@@ -658,6 +658,26 @@ fn write_ack(ack: hopps_client::WriteAck) -> HoppsWriteAck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_codes_are_the_cores() {
+        // Spelled as literals above so that the header generator can print them.
+        let pairs = [
+            (HOPPS_OK, code::OK),
+            (HOPPS_CANCELLED, code::CANCELLED),
+            (HOPPS_UNKNOWN, code::UNKNOWN),
+            (HOPPS_INVALID_ARGUMENT, code::INVALID_ARGUMENT),
+            (HOPPS_DEADLINE_EXCEEDED, code::DEADLINE_EXCEEDED),
+            (HOPPS_NOT_FOUND, code::NOT_FOUND),
+            (HOPPS_FAILED_PRECONDITION, code::FAILED_PRECONDITION),
+            (HOPPS_OUT_OF_RANGE, code::OUT_OF_RANGE),
+            (HOPPS_INTERNAL, code::INTERNAL),
+            (HOPPS_UNAVAILABLE, code::UNAVAILABLE),
+        ];
+        for (header, core) in pairs {
+            assert_eq!(header, core);
+        }
+    }
 
     /// Runs a call and returns its code and message, freeing the error.
     fn outcome(call: impl FnOnce(*mut *mut HoppsError) -> i32) -> (i32, String) {

@@ -27,10 +27,11 @@ const SHARDS: u32 = 8;
 /// `hopps demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Directory for the demo's repository (`repo/`) and node state (`node/`); must be empty or
-    /// absent. Default: a temporary directory, removed at the end.
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    /// Directory for the demo's repository (`repo/`) and node state (`node/`); it must be new,
+    /// empty, or left by an earlier demo (which is replaced). It stays after the demo, so
+    /// `hopps serve --repo DIR/repo` serves the demo model again.
+    #[arg(long, default_value = "./hopps-demo")]
+    dir: PathBuf,
     /// Rows of the `user` table in the full version.
     #[arg(long, default_value_t = 1_000_000)]
     keys: u64,
@@ -64,45 +65,43 @@ fn item_value(key: u64, j: u32) -> f32 {
     -((key % 101) as f32) - j as f32 / 8.0
 }
 
-/// Where the demo lives; a temporary directory is removed when this is dropped.
+/// Marks a directory the demo created, so a later run may replace it (and nothing else).
+const MARKER: &str = "HOPPS_DEMO";
+
+/// Where the demo lives: `repo/` (the model repository) and `node/` (the node's state).
 struct DemoDir {
     root: PathBuf,
-    _temp: Option<tempfile::TempDir>,
 }
 
 impl DemoDir {
-    fn new(dir: Option<&Path>) -> Result<DemoDir> {
-        match dir {
-            Some(dir) => {
-                if dir.exists()
-                    && std::fs::read_dir(dir)
-                        .with_context(|| format!("cannot read {}", dir.display()))?
-                        .next()
-                        .is_some()
-                {
+    /// Creates `dir` fresh. A directory left by an earlier demo run is replaced; any other
+    /// non-empty directory is refused, never deleted.
+    fn new(dir: &Path) -> Result<DemoDir> {
+        if dir.exists() {
+            let mut entries =
+                std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            if entries.next().is_some() {
+                if !dir.join(MARKER).exists() {
                     bail!(
-                        "{} is not empty; give an empty or new directory to --dir (the demo writes a fresh repository)",
+                        "{} exists and was not made by `hopps demo`; give an empty or new directory to --dir",
                         dir.display()
                     );
                 }
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                let root = dir
-                    .canonicalize()
-                    .with_context(|| format!("cannot resolve {}", dir.display()))?;
-                Ok(DemoDir { root, _temp: None })
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("hopps-demo-")
-                    .tempdir()
-                    .context("cannot create a temporary directory for the demo")?;
-                Ok(DemoDir {
-                    root: temp.path().to_path_buf(),
-                    _temp: Some(temp),
-                })
+                std::fs::remove_dir_all(dir).with_context(|| {
+                    format!("cannot remove the previous demo in {}", dir.display())
+                })?;
             }
         }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(
+            dir.join(MARKER),
+            "made by `hopps demo`; the next demo run replaces this directory\n",
+        )
+        .with_context(|| format!("cannot write to {}", dir.display()))?;
+        let root = dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        Ok(DemoDir { root })
     }
 
     fn repo(&self) -> PathBuf {
@@ -355,7 +354,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .with_writer(std::io::stderr)
             .try_init();
     }
-    let dir = DemoDir::new(args.dir.as_deref())?;
+    let dir = DemoDir::new(&args.dir)?;
     let mut story = Story {
         step: 0,
         steps: 7,
@@ -564,6 +563,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     } else {
         let _ = stop.send(true);
     }
+    println!(
+        "the demo repository stays in {}: `hopps serve --repo {repo_uri}` serves it again.",
+        dir.root.display()
+    );
     node.await
         .context("the demo node task failed")?
         .context("the demo node stopped with an error")?;
@@ -582,7 +585,7 @@ mod tests {
     #[test]
     fn truth_follows_updates_deletes_and_inserts() {
         let args = DemoArgs {
-            dir: None,
+            dir: PathBuf::from("unused"),
             keys: 100,
             dim: 2,
             deltas: 2,

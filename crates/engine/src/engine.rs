@@ -12,7 +12,9 @@ use hopps_format::{HistoryRecord, Manifest, Repository, VersionKind};
 use crate::config::EngineConfig;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::lineage::{EVENT_ROLLED_BACK, EVENT_SERVED, Lineage};
-use crate::loader::{self, WriteScratch, apply_write, build_estimate, read_delta, table_bytes_estimate};
+use crate::loader::{
+    self, WriteScratch, apply_write, build_estimate, read_delta, table_bytes_estimate,
+};
 use crate::model::{Model, UndoEntry, UndoLog, capture_undo, compose_undo, merge};
 use crate::report::*;
 use crate::rows::TableShape;
@@ -56,15 +58,16 @@ impl Engine {
     /// directory. Loads nothing yet (see [`Engine::load`]).
     pub async fn open(config: EngineConfig) -> Result<Engine> {
         std::fs::create_dir_all(config.data_dir.join("wal")).map_err(|e| {
-            EngineError::wal_io(format!("creating data directory {}", config.data_dir.display()), e)
+            EngineError::wal_io(
+                format!("creating data directory {}", config.data_dir.display()),
+                e,
+            )
         })?;
         let names = match &config.models {
             Some(list) => list.clone(),
-            None => config
-                .repository
-                .list_models()
-                .await
-                .map_err(|e| EngineError::repository(format!("listing models in {}", config.repository.uri()), e))?,
+            None => config.repository.list_models().await.map_err(|e| {
+                EngineError::repository(format!("listing models in {}", config.repository.uri()), e)
+            })?,
         };
         let models = names
             .into_iter()
@@ -89,7 +92,11 @@ impl Engine {
             EngineError::not_found(format!(
                 "model {name:?} is not served by this node (it serves: {}); check the name or \
                  publish the model",
-                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
             ))
         })
     }
@@ -104,7 +111,10 @@ impl Engine {
                 ),
                 _ => EngineError::new(
                     ErrorKind::Unavailable,
-                    format!("model {} is still loading; retry when the node is ready", m.name),
+                    format!(
+                        "model {} is still loading; retry when the node is ready",
+                        m.name
+                    ),
                 ),
             }
         })
@@ -125,27 +135,24 @@ impl Engine {
         Ok(())
     }
 
-    async fn read_lineage(&self, model: &str) -> Result<(Lineage, Vec<Manifest>, Vec<u64>, Vec<HistoryRecord>)> {
-        let listing = self
-            .repo()
-            .versions(model)
-            .await
-            .map_err(|e| EngineError::repository(format!("listing versions of model {model}"), e))?;
-        let history = self
-            .repo()
-            .history(model)
-            .await
-            .map_err(|e| EngineError::repository(format!("reading the history of model {model}"), e))?;
+    async fn read_lineage(
+        &self,
+        model: &str,
+    ) -> Result<(Lineage, Vec<Manifest>, Vec<u64>, Vec<HistoryRecord>)> {
+        let listing = self.repo().versions(model).await.map_err(|e| {
+            EngineError::repository(format!("listing versions of model {model}"), e)
+        })?;
+        let history = self.repo().history(model).await.map_err(|e| {
+            EngineError::repository(format!("reading the history of model {model}"), e)
+        })?;
         let lineage = Lineage::compute(&listing.committed, &history);
         Ok((lineage, listing.committed, listing.aborted, history))
     }
 
     async fn shape(&self, model: &str) -> Result<Arc<Shape>> {
-        let spec = self
-            .repo()
-            .model(model)
-            .await
-            .map_err(|e| EngineError::repository(format!("reading model.json of model {model}"), e))?;
+        let spec = self.repo().model(model).await.map_err(|e| {
+            EngineError::repository(format!("reading model.json of model {model}"), e)
+        })?;
         let tables = spec
             .tables
             .iter()
@@ -159,7 +166,12 @@ impl Engine {
     }
 
     fn memory_used(&self) -> u64 {
-        self.inner.models.load().values().map(|m| m.memory_bytes()).sum()
+        self.inner
+            .models
+            .load()
+            .values()
+            .map(|m| m.memory_bytes())
+            .sum()
     }
 
     fn check_memory(&self, model: &str, version: u64, need: u64) -> Result<()> {
@@ -197,11 +209,9 @@ impl Engine {
                 m.name
             )));
         };
-        let checkpoints = self
-            .repo()
-            .checkpoints(&m.name)
-            .await
-            .map_err(|e| EngineError::repository(format!("listing checkpoints of model {}", m.name), e))?;
+        let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
+            EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
+        })?;
         let records = match m.wal.get() {
             Some(_) => wal::read_all(&self.wal_dir(&m.name))?,
             None => {
@@ -213,9 +223,22 @@ impl Engine {
         let base = loader::pick_checkpoint(&lineage, tip, &checkpoints)
             .map(|(c, _)| c.clone())
             .unwrap_or_else(|| lineage.chain[0].clone());
-        self.check_memory(&m.name, lineage.chain[tip].version, build_estimate(&shape, &lineage.chain[..=tip], &base))?;
+        self.check_memory(
+            &m.name,
+            lineage.chain[tip].version,
+            build_estimate(&shape, &lineage.chain[..=tip], &base),
+        )?;
         let started = Instant::now();
-        let built = loader::build(self.repo(), m, &shape, &lineage, tip, &checkpoints, &records).await;
+        let built = loader::build(
+            self.repo(),
+            m,
+            &shape,
+            &lineage,
+            tip,
+            &checkpoints,
+            &records,
+        )
+        .await;
         let built = match built {
             Ok(b) => b,
             Err(e) => {
@@ -225,8 +248,11 @@ impl Engine {
         };
         let mut undo = m.write.lock().await;
         undo.entries = built.undo.into();
-        m.view
-            .store(Some(Arc::new(View::plain(shape, Arc::new(built.tables), built.version))));
+        m.view.store(Some(Arc::new(View::plain(
+            shape,
+            Arc::new(built.tables),
+            built.version,
+        ))));
         self.enforce_undo_budget(m, &mut undo);
         drop(undo);
         {
@@ -274,17 +300,16 @@ impl Engine {
     /// loaded, follows rollbacks decided elsewhere, applies new versions of the served chain.
     pub async fn poll_repository(&self) -> Result<()> {
         if self.inner.config.models.is_none() {
-            let names = self
-                .repo()
-                .list_models()
-                .await
-                .map_err(|e| EngineError::repository(format!("listing models in {}", self.repo().uri()), e))?;
+            let names = self.repo().list_models().await.map_err(|e| {
+                EngineError::repository(format!("listing models in {}", self.repo().uri()), e)
+            })?;
             let _adding = self.inner.adding.lock();
             let current = self.inner.models.load();
             if names.iter().any(|n| !current.contains_key(n)) {
                 let mut next = (**current).clone();
                 for n in names {
-                    next.entry(n.clone()).or_insert_with(|| Arc::new(Model::new(n)));
+                    next.entry(n.clone())
+                        .or_insert_with(|| Arc::new(Model::new(n)));
                 }
                 self.inner.models.store(Arc::new(next));
             }
@@ -320,7 +345,9 @@ impl Engine {
         if !lineage.skipped.is_empty() {
             tracing::debug!(model = %m.name, skipped = ?lineage.skipped, "deltas off the served chain are not applied");
         }
-        let Some(serving) = m.serving() else { return Ok(()) };
+        let Some(serving) = m.serving() else {
+            return Ok(());
+        };
         // A rollback decided by another node (or the CLI through another node).
         if lineage.is_dead(serving) {
             let to = history
@@ -344,7 +371,9 @@ impl Engine {
         }
         let failed = m.runtime.lock().failed.clone();
         loop {
-            let Some(serving) = m.serving() else { return Ok(()) };
+            let Some(serving) = m.serving() else {
+                return Ok(());
+            };
             let next = match lineage.position(serving) {
                 Some(p) => lineage.chain.get(p + 1),
                 // Not in the chain: a newer full version started a new one.
@@ -432,7 +461,12 @@ impl Engine {
             let stage = stage.clone();
             tokio::task::spawn_blocking(move || (capture_undo(&tables, &stage), tables))
                 .await
-                .map_err(|e| EngineError::internal(format!("capturing undo records of version {}: {e}", d.version)))?
+                .map_err(|e| {
+                    EngineError::internal(format!(
+                        "capturing undo records of version {}: {e}",
+                        d.version
+                    ))
+                })?
         };
         let undo = Arc::new(undo);
         // Flip: the new version is the default; the old one stays readable through its undo
@@ -445,9 +479,13 @@ impl Engine {
             let stage = stage.clone();
             tokio::task::spawn_blocking(move || merge(&tables, &stage))
                 .await
-                .map_err(|e| EngineError::internal(format!("merging version {}: {e}", d.version)))?;
+                .map_err(|e| {
+                    EngineError::internal(format!("merging version {}: {e}", d.version))
+                })?;
         }
-        m.view.store(Some(Arc::new(view.with(d.version, vec![(d.version, None)]))));
+        m.view.store(Some(Arc::new(
+            view.with(d.version, vec![(d.version, None)]),
+        )));
         m.stage_bytes.store(0, Ordering::Relaxed);
         m.runtime.lock().staged = None;
         // The undo log is a contiguous run of the chain ending at the serving version.
@@ -475,16 +513,23 @@ impl Engine {
     /// Replaces the serving state by a newer full version (loaded beside it, then swapped).
     async fn apply_full(&self, m: &Arc<Model>, lineage: &Lineage, f: &Manifest) -> Result<()> {
         let view = self.serving_view(m)?;
-        let pos = lineage
-            .position(f.version)
-            .ok_or_else(|| EngineError::internal(format!("version {} is not in the chain", f.version)))?;
+        let pos = lineage.position(f.version).ok_or_else(|| {
+            EngineError::internal(format!("version {} is not in the chain", f.version))
+        })?;
         let shape = self.shape(&m.name).await?;
-        self.check_memory(&m.name, f.version, build_estimate(&shape, &lineage.chain[..=pos], f))?;
+        self.check_memory(
+            &m.name,
+            f.version,
+            build_estimate(&shape, &lineage.chain[..=pos], f),
+        )?;
         let built = loader::build(self.repo(), m, &shape, lineage, pos, &[], &[]).await?;
         let mut undo = m.write.lock().await;
         undo.entries = built.undo.into();
-        m.view
-            .store(Some(Arc::new(View::plain(shape, Arc::new(built.tables), built.version))));
+        m.view.store(Some(Arc::new(View::plain(
+            shape,
+            Arc::new(built.tables),
+            built.version,
+        ))));
         self.enforce_undo_budget(m, &mut undo);
         tracing::info!(model = %m.name, version = f.version, replaced = view.default, "full version loaded");
         Ok(())
@@ -508,7 +553,11 @@ impl Engine {
         }
         let (lineage, _, _, _) = self.read_lineage(model).await?;
         let Some(pos_to) = lineage.position(to) else {
-            let chain: Vec<String> = lineage.chain.iter().map(|c| c.version.to_string()).collect();
+            let chain: Vec<String> = lineage
+                .chain
+                .iter()
+                .map(|c| c.version.to_string())
+                .collect();
             return Err(EngineError::precondition(format!(
                 "version {to} of model {model} is not in its served history ({}); choose one of those",
                 chain.join(", ")
@@ -530,10 +579,12 @@ impl Engine {
             node: self.inner.config.node_id.clone(),
             detail: format!("method {method}"),
         };
-        self.repo()
-            .append_history(model, &rec)
-            .await
-            .map_err(|e| EngineError::repository(format!("recording the rollback of model {model} to {to}"), e))?;
+        self.repo().append_history(model, &rec).await.map_err(|e| {
+            EngineError::repository(
+                format!("recording the rollback of model {model} to {to}"),
+                e,
+            )
+        })?;
         let mut lineage = lineage;
         lineage.dead.push((to, from));
         let method = self.rollback_locked(&m, &lineage, from, to).await?;
@@ -557,7 +608,13 @@ impl Engine {
         out
     }
 
-    async fn plan_rollback(&self, m: &Model, lineage: &Lineage, from: u64, to: u64) -> &'static str {
+    async fn plan_rollback(
+        &self,
+        m: &Model,
+        lineage: &Lineage,
+        from: u64,
+        to: u64,
+    ) -> &'static str {
         let undo = m.write.lock().await;
         let versions = Self::undone_versions(lineage, from, to);
         let ok = undo.covering(&versions).is_some() && undo.entries.iter().any(|e| e.parent == to);
@@ -565,7 +622,13 @@ impl Engine {
     }
 
     /// Switches the serving state from `from` to `to`; the caller holds the versions lock.
-    async fn rollback_locked(&self, m: &Arc<Model>, lineage: &Lineage, from: u64, to: u64) -> Result<&'static str> {
+    async fn rollback_locked(
+        &self,
+        m: &Arc<Model>,
+        lineage: &Lineage,
+        from: u64,
+        to: u64,
+    ) -> Result<&'static str> {
         let view = self.serving_view(m)?;
         let mut undo_log = m.write.lock().await;
         // Undo versions: the undo log holds contiguous entries up to `from`; take those after `to`.
@@ -593,17 +656,22 @@ impl Engine {
             .await
             .map_err(|e| EngineError::internal(format!("composing the rollback to {to}: {e}")))?;
             let rb = Arc::new(rb);
-            m.stage_bytes.store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
-            m.view.store(Some(Arc::new(
-                view.with(to, vec![(to, Some(rb.clone())), (from, Some(Arc::new(forward)))]),
-            )));
+            m.stage_bytes
+                .store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
+            m.view.store(Some(Arc::new(view.with(
+                to,
+                vec![(to, Some(rb.clone())), (from, Some(Arc::new(forward)))],
+            ))));
             {
                 let rb = rb.clone();
                 tokio::task::spawn_blocking(move || merge(&tables, &rb))
                     .await
-                    .map_err(|e| EngineError::internal(format!("merging the rollback to {to}: {e}")))?;
+                    .map_err(|e| {
+                        EngineError::internal(format!("merging the rollback to {to}: {e}"))
+                    })?;
             }
-            m.view.store(Some(Arc::new(view.with(to, vec![(to, None)]))));
+            m.view
+                .store(Some(Arc::new(view.with(to, vec![(to, None)]))));
             m.stage_bytes.store(0, Ordering::Relaxed);
             let keep = undo_log.entries.len() - chain_after.len();
             undo_log.entries.truncate(keep);
@@ -614,19 +682,33 @@ impl Engine {
         drop(undo_log);
         // Rebuild in the background of this task; the current version keeps serving.
         let pos = lineage.position(to).ok_or_else(|| {
-            EngineError::precondition(format!("version {to} of model {} is not in its served history", m.name))
+            EngineError::precondition(format!(
+                "version {to} of model {} is not in its served history",
+                m.name
+            ))
         })?;
-        let checkpoints = self
-            .repo()
-            .checkpoints(&m.name)
-            .await
-            .map_err(|e| EngineError::repository(format!("listing checkpoints of model {}", m.name), e))?;
+        let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
+            EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
+        })?;
         let records = wal::read_all(&self.wal_dir(&m.name))?;
         let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
             .map(|(c, _)| c.clone())
             .unwrap_or_else(|| lineage.chain[0].clone());
-        self.check_memory(&m.name, to, build_estimate(&view.shape, &lineage.chain[..=pos], &base))?;
-        let built = loader::build(self.repo(), m, &view.shape, lineage, pos, &checkpoints, &records).await?;
+        self.check_memory(
+            &m.name,
+            to,
+            build_estimate(&view.shape, &lineage.chain[..=pos], &base),
+        )?;
+        let built = loader::build(
+            self.repo(),
+            m,
+            &view.shape,
+            lineage,
+            pos,
+            &checkpoints,
+            &records,
+        )
+        .await?;
         let mut undo_log = m.write.lock().await;
         undo_log.entries = built.undo.into();
         m.view.store(Some(Arc::new(View::plain(
@@ -641,7 +723,10 @@ impl Engine {
 
     /// Spawns the watcher: polls the repository every `poll_interval` and writes scheduled
     /// checkpoints, until `shutdown` turns true.
-    pub fn spawn_background(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_background(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
         tokio::spawn(async move {
             let every = engine.inner.config.poll_interval;
@@ -664,7 +749,9 @@ impl Engine {
     }
 
     async fn scheduled_checkpoints(&self) {
-        let Some(every) = self.inner.config.checkpoint_interval else { return };
+        let Some(every) = self.inner.config.checkpoint_interval else {
+            return;
+        };
         let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
         for m in models {
             if m.view.load().is_none() {
@@ -709,9 +796,11 @@ impl Engine {
     ) -> Result<u64> {
         let m = self.model(model)?;
         let guard = m.view.load();
-        let view = guard.as_ref().ok_or_else(|| self.serving_view(&m).err().unwrap_or_else(|| {
-            EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
-        }))?;
+        let view = guard.as_ref().ok_or_else(|| {
+            self.serving_view(&m).err().unwrap_or_else(|| {
+                EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
+            })
+        })?;
         let (v, overlay) = view.resolve(version)?;
         let t = view.shape.table_index(table)?;
         view.read(overlay, t, keys, out, found)?;
@@ -719,12 +808,19 @@ impl Engine {
     }
 
     /// Several tables of one model, all at one version (loaded once for the whole request).
-    pub fn multi_lookup(&self, model: &str, version: Option<u64>, tables: &mut [TableLookup<'_>]) -> Result<u64> {
+    pub fn multi_lookup(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        tables: &mut [TableLookup<'_>],
+    ) -> Result<u64> {
         let m = self.model(model)?;
         let guard = m.view.load();
-        let view = guard.as_ref().ok_or_else(|| self.serving_view(&m).err().unwrap_or_else(|| {
-            EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
-        }))?;
+        let view = guard.as_ref().ok_or_else(|| {
+            self.serving_view(&m).err().unwrap_or_else(|| {
+                EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
+            })
+        })?;
         let (v, overlay) = view.resolve(version)?;
         for tl in tables.iter_mut() {
             let t = view.shape.table_index(tl.table)?;
@@ -734,7 +830,13 @@ impl Engine {
     }
 
     /// Inserts or overwrites rows; durable (in the WAL) when it returns.
-    pub async fn upsert(&self, model: &str, table: &str, keys: &[u64], values: &[f32]) -> Result<WriteAck> {
+    pub async fn upsert(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Result<WriteAck> {
         self.write(model, table, WalOp::Upsert, keys, values).await
     }
 
@@ -745,16 +847,33 @@ impl Engine {
 
     /// Applies gradients with the table's optimizer; durable when it returns. A key without a
     /// row starts from the table's missing-key row (zeros for policy `error`).
-    pub async fn push(&self, model: &str, table: &str, keys: &[u64], gradients: &[f32]) -> Result<WriteAck> {
+    pub async fn push(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+        gradients: &[f32],
+    ) -> Result<WriteAck> {
         self.write(model, table, WalOp::Push, keys, gradients).await
     }
 
-    async fn write(&self, model: &str, table: &str, op: WalOp, keys: &[u64], values: &[f32]) -> Result<WriteAck> {
+    async fn write(
+        &self,
+        model: &str,
+        table: &str,
+        op: WalOp,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Result<WriteAck> {
         let m = self.model(model)?;
         let view = self.serving_view(&m)?;
         let t = view.shape.table_index(table)?;
         let ts = &view.shape.tables[t];
-        let expect = if op == WalOp::Delete { 0 } else { keys.len() * ts.dim };
+        let expect = if op == WalOp::Delete {
+            0
+        } else {
+            keys.len() * ts.dim
+        };
         if values.len() != expect {
             return Err(EngineError::invalid(format!(
                 "model {model} table {table}: {} keys need {expect} values (dim {}), got {}",
@@ -777,16 +896,32 @@ impl Engine {
             )));
         }
         let wal = m.wal.get().ok_or_else(|| {
-            EngineError::new(ErrorKind::Unavailable, format!("model {model} is still loading; retry"))
+            EngineError::new(
+                ErrorKind::Unavailable,
+                format!("model {model} is still loading; retry"),
+            )
         })?;
         let undo_log = m.write.lock().await;
         // The view may have changed while waiting (a merge finished, a rebuild swapped tables).
         let view = self.serving_view(&m)?;
         let version = view.default;
         let seq = wal.append(version, op, table, keys, values)?;
-        let undo = undo_log.entries.back().filter(|e| e.version == version).map(|e| e.rows.clone());
+        let undo = undo_log
+            .entries
+            .back()
+            .filter(|e| e.version == version)
+            .map(|e| e.rows.clone());
         let mut scratch = WriteScratch::default();
-        apply_write(&view.shape, &view.tables, undo.as_deref(), t, op, keys, values, &mut scratch)?;
+        apply_write(
+            &view.shape,
+            &view.tables,
+            undo.as_deref(),
+            t,
+            op,
+            keys,
+            values,
+            &mut scratch,
+        )?;
         if undo.is_some() {
             m.undo_bytes.store(undo_log.bytes(), Ordering::Relaxed);
         }
@@ -824,7 +959,15 @@ impl Engine {
                 let (keys, data) = loader::snapshot_shard(table);
                 rows += keys.len() as u64;
                 let written = writer
-                    .write_segment(&ts.name, s as u32, &ts.dtype, ts.dim as u32, ts.row_bytes as u32, &keys, &data)
+                    .write_segment(
+                        &ts.name,
+                        s as u32,
+                        &ts.dtype,
+                        ts.dim as u32,
+                        ts.row_bytes as u32,
+                        &keys,
+                        &data,
+                    )
                     .await;
                 if let Err(e) = written {
                     writer.abort().await;
@@ -849,24 +992,34 @@ impl Engine {
             bytes: manifest.bytes(),
             seconds: started.elapsed().as_secs_f64(),
         };
-        tracing::info!(model, version, rows, bytes = report.bytes, seconds = report.seconds, "checkpoint written");
+        tracing::info!(
+            model,
+            version,
+            rows,
+            bytes = report.bytes,
+            seconds = report.seconds,
+            "checkpoint written"
+        );
         Ok(report)
     }
 
     async fn apply_retention(&self, model: &str) -> Result<()> {
         let keep = self.inner.config.checkpoint_retention.max(1);
-        let mut all = self
-            .repo()
-            .checkpoints(model)
-            .await
-            .map_err(|e| EngineError::repository(format!("listing checkpoints of model {model}"), e))?;
+        let mut all = self.repo().checkpoints(model).await.map_err(|e| {
+            EngineError::repository(format!("listing checkpoints of model {model}"), e)
+        })?;
         all.sort_by_key(|c| c.version);
         let excess = all.len().saturating_sub(keep);
         for c in &all[..excess] {
             self.repo()
                 .delete_checkpoint(model, c.version)
                 .await
-                .map_err(|e| EngineError::repository(format!("deleting checkpoint {} of model {model}", c.version), e))?;
+                .map_err(|e| {
+                    EngineError::repository(
+                        format!("deleting checkpoint {} of model {model}", c.version),
+                        e,
+                    )
+                })?;
         }
         Ok(())
     }
@@ -913,7 +1066,11 @@ impl Engine {
                     rows,
                     memory_bytes: m.memory_bytes(),
                     undo_bytes: m.undo_bytes.load(Ordering::Relaxed),
-                    load_factor: if cap > 0 { rows as f64 / cap as f64 } else { 0.0 },
+                    load_factor: if cap > 0 {
+                        rows as f64 / cap as f64
+                    } else {
+                        0.0
+                    },
                     tables,
                 }
             })
@@ -985,11 +1142,9 @@ impl Engine {
     /// The model's append-only history of served versions and rollbacks.
     pub async fn history(&self, model: &str) -> Result<Vec<HistoryEvent>> {
         self.model(model)?;
-        let records = self
-            .repo()
-            .history(model)
-            .await
-            .map_err(|e| EngineError::repository(format!("reading the history of model {model}"), e))?;
+        let records = self.repo().history(model).await.map_err(|e| {
+            EngineError::repository(format!("reading the history of model {model}"), e)
+        })?;
         Ok(records
             .into_iter()
             .map(|r| HistoryEvent {
@@ -997,7 +1152,11 @@ impl Engine {
                 event: r.event,
                 version: r.version,
                 from_version: r.from_version,
-                detail: if r.node.is_empty() { r.detail } else { format!("{} (node {})", r.detail, r.node) },
+                detail: if r.node.is_empty() {
+                    r.detail
+                } else {
+                    format!("{} (node {})", r.detail, r.node)
+                },
             })
             .collect())
     }
@@ -1020,7 +1179,11 @@ fn table_statuses(view: &View) -> Vec<TableStatus> {
                 optimizer: ts.optimizer.map(|o| o.name().to_string()),
                 rows,
                 capacity,
-                load_factor: if capacity > 0 { rows as f64 / capacity as f64 } else { 0.0 },
+                load_factor: if capacity > 0 {
+                    rows as f64 / capacity as f64
+                } else {
+                    0.0
+                },
                 bytes: shards.iter().map(|s| s.bytes_used() as u64).sum(),
             }
         })

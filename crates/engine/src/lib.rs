@@ -31,7 +31,7 @@ pub use config::{EngineConfig, WalSync};
 pub use engine::{Engine, TableLookup};
 pub use error::{EngineError, ErrorKind, Result};
 pub use report::{
-    CheckpointReport, HistoryEvent, LoadProgress, ModelInfo, ModelStatus, NodeStatus, RollbackReport, TableMeta,
-    TableStatus, VersionState, WriteAck,
+    CheckpointReport, HistoryEvent, LoadProgress, ModelInfo, ModelStatus, NodeStatus,
+    RollbackReport, TableMeta, TableStatus, VersionState, WriteAck,
 };
 pub use rows::random_init;

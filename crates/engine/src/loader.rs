@@ -45,7 +45,10 @@ fn manifest_rows(shape: &Shape, m: &Manifest) -> Vec<u64> {
 /// Memory a build up to `upto` in `chain` needs, starting from `base`.
 pub(crate) fn build_estimate(shape: &Shape, chain: &[Manifest], base: &Manifest) -> u64 {
     let mut rows = manifest_rows(shape, base);
-    for m in chain.iter().filter(|m| m.kind == VersionKind::Delta && m.version > base.version) {
+    for m in chain
+        .iter()
+        .filter(|m| m.kind == VersionKind::Delta && m.version > base.version)
+    {
         for (r, add) in rows.iter_mut().zip(manifest_rows(shape, m)) {
             // A delta's upserts may all be new keys, and its undo record holds as many rows.
             *r += 2 * add;
@@ -60,7 +63,11 @@ pub(crate) fn build_estimate(shape: &Shape, chain: &[Manifest], base: &Manifest)
 }
 
 /// The newest checkpoint of the chain at or before `chain[upto]`.
-pub(crate) fn pick_checkpoint<'a>(lineage: &Lineage, upto: usize, checkpoints: &'a [Manifest]) -> Option<(&'a Manifest, usize)> {
+pub(crate) fn pick_checkpoint<'a>(
+    lineage: &Lineage,
+    upto: usize,
+    checkpoints: &'a [Manifest],
+) -> Option<(&'a Manifest, usize)> {
     checkpoints
         .iter()
         .filter_map(|c| {
@@ -87,7 +94,11 @@ pub(crate) async fn build(
         None => (lineage.chain[0].clone(), 0, 0),
     };
     let rows_total: u64 = lineage.chain[start..=upto].iter().map(|m| m.rows).sum();
-    let bytes_total: u64 = lineage.chain[start + 1..=upto].iter().map(|m| m.bytes()).sum::<u64>() + base.bytes();
+    let bytes_total: u64 = lineage.chain[start + 1..=upto]
+        .iter()
+        .map(|m| m.bytes())
+        .sum::<u64>()
+        + base.bytes();
     model.progress_start(target.version, rows_total, bytes_total);
     let tables = Tables::with_rows(shape, 0, &manifest_rows(shape, &base));
     if base.kind == VersionKind::Checkpoint {
@@ -96,12 +107,28 @@ pub(crate) async fn build(
         load_full(repo, model, shape, &base, &tables).await?;
     }
     let mut undo = Vec::new();
-    replay(shape, &tables, None, wal, base.version, wal_floor, &model.name)?;
+    replay(
+        shape,
+        &tables,
+        None,
+        wal,
+        base.version,
+        wal_floor,
+        &model.name,
+    )?;
     for m in &lineage.chain[start + 1..=upto] {
         let stage = read_delta(repo, model, shape, m).await?;
         let rows = Arc::new(capture_undo(&tables, &stage));
         merge(&tables, &stage);
-        replay(shape, &tables, Some(&rows), wal, m.version, wal_floor, &model.name)?;
+        replay(
+            shape,
+            &tables,
+            Some(&rows),
+            wal,
+            m.version,
+            wal_floor,
+            &model.name,
+        )?;
         undo.push(UndoEntry {
             version: m.version,
             parent: m.parent.unwrap_or(0),
@@ -140,7 +167,16 @@ fn replay(
                 r.seq, r.table
             ))
         })?;
-        apply_write(shape, tables, undo, t, r.op, &r.keys, &r.values, &mut scratch)?;
+        apply_write(
+            shape,
+            tables,
+            undo,
+            t,
+            r.op,
+            &r.keys,
+            &r.values,
+            &mut scratch,
+        )?;
     }
     Ok(())
 }
@@ -209,7 +245,14 @@ pub(crate) fn apply_write(
     Ok(())
 }
 
-fn check_batch(model: &str, m: &Manifest, ts: &TableShape, keys: usize, values: usize, deleted: usize) -> Result<()> {
+fn check_batch(
+    model: &str,
+    m: &Manifest,
+    ts: &TableShape,
+    keys: usize,
+    values: usize,
+    deleted: usize,
+) -> Result<()> {
     if values != keys * ts.dim || (deleted != 0 && deleted != keys) {
         return Err(EngineError::internal(format!(
             "model {model} version {} table {}: a batch of {keys} keys came with {values} values \
@@ -222,20 +265,42 @@ fn check_batch(model: &str, m: &Manifest, ts: &TableShape, keys: usize, values: 
 }
 
 /// Streams a full version's rows into empty `tables`.
-async fn load_full(repo: &Repository, model: &Model, shape: &Shape, m: &Manifest, tables: &Tables) -> Result<()> {
+async fn load_full(
+    repo: &Repository,
+    model: &Model,
+    shape: &Shape,
+    m: &Manifest,
+    tables: &Tables,
+) -> Result<()> {
     for (t, ts) in shape.tables.iter().enumerate() {
         if m.table(&ts.name).is_none() {
             continue;
         }
-        let what = || format!("reading model {} version {} table {}", model.name, m.version, ts.name);
+        let what = || {
+            format!(
+                "reading model {} version {} table {}",
+                model.name, m.version, ts.name
+            )
+        };
         let mut reader = repo
             .read_table(m, &ts.name)
             .await
             .map_err(|e| EngineError::repository(what(), e))?;
         let mut row = vec![0u8; ts.row_bytes];
         let mut last_bytes = 0;
-        while let Some(batch) = reader.next_batch().await.map_err(|e| EngineError::repository(what(), e))? {
-            check_batch(&model.name, m, ts, batch.keys.len(), batch.values.len(), batch.deleted.len())?;
+        while let Some(batch) = reader
+            .next_batch()
+            .await
+            .map_err(|e| EngineError::repository(what(), e))?
+        {
+            check_batch(
+                &model.name,
+                m,
+                ts,
+                batch.keys.len(),
+                batch.values.len(),
+                batch.deleted.len(),
+            )?;
             for (i, &key) in batch.keys.iter().enumerate() {
                 if batch.deleted.get(i).copied().unwrap_or(false) {
                     continue;
@@ -252,19 +317,36 @@ async fn load_full(repo: &Repository, model: &Model, shape: &Shape, m: &Manifest
 }
 
 /// Reads a checkpoint's segments (already-encoded rows) into empty `tables`.
-async fn load_checkpoint(repo: &Repository, model: &Model, shape: &Shape, m: &Manifest, tables: &Tables) -> Result<()> {
+async fn load_checkpoint(
+    repo: &Repository,
+    model: &Model,
+    shape: &Shape,
+    m: &Manifest,
+    tables: &Tables,
+) -> Result<()> {
     for mt in &m.tables {
         let t = shape.table_index(&mt.name).map_err(|e| {
-            EngineError::internal(format!("checkpoint {} of model {}: {e}", m.version, model.name))
+            EngineError::internal(format!(
+                "checkpoint {} of model {}: {e}",
+                m.version, model.name
+            ))
         })?;
         let ts = &shape.tables[t];
         for file in &mt.files {
-            let what = || format!("reading checkpoint {} of model {} file {}", m.version, model.name, file.path);
+            let what = || {
+                format!(
+                    "reading checkpoint {} of model {} file {}",
+                    m.version, model.name, file.path
+                )
+            };
             let seg = repo
                 .read_segment(m, file)
                 .await
                 .map_err(|e| EngineError::repository(what(), e))?;
-            if seg.row_bytes as usize != ts.row_bytes || seg.dim as usize != ts.dim || seg.dtype != ts.dtype {
+            if seg.row_bytes as usize != ts.row_bytes
+                || seg.dim as usize != ts.dim
+                || seg.dtype != ts.dtype
+            {
                 return Err(EngineError::internal(format!(
                     "{}: segment holds {} rows of dim {} ({} bytes) but table {} is {} of dim {} \
                      ({} bytes); the checkpoint was written for another model.json — delete it",
@@ -297,7 +379,12 @@ async fn load_checkpoint(repo: &Repository, model: &Model, shape: &Shape, m: &Ma
 }
 
 /// Reads a delta into a change set: tagged rows per (table, shard), the last row of a key wins.
-pub(crate) async fn read_delta(repo: &Repository, model: &Model, shape: &Shape, m: &Manifest) -> Result<RowSet> {
+pub(crate) async fn read_delta(
+    repo: &Repository,
+    model: &Model,
+    shape: &Shape,
+    m: &Manifest,
+) -> Result<RowSet> {
     let rows: Vec<u64> = shape
         .tables
         .iter()
@@ -308,22 +395,41 @@ pub(crate) async fn read_delta(repo: &Repository, model: &Model, shape: &Shape, 
         if m.table(&ts.name).is_none() {
             continue;
         }
-        let what = || format!("reading model {} delta {} table {}", model.name, m.version, ts.name);
+        let what = || {
+            format!(
+                "reading model {} delta {} table {}",
+                model.name, m.version, ts.name
+            )
+        };
         let mut reader = repo
             .read_table(m, &ts.name)
             .await
             .map_err(|e| EngineError::repository(what(), e))?;
         let mut tagged = vec![0u8; ts.row_bytes + 1];
         let mut last_bytes = 0;
-        while let Some(batch) = reader.next_batch().await.map_err(|e| EngineError::repository(what(), e))? {
-            check_batch(&model.name, m, ts, batch.keys.len(), batch.values.len(), batch.deleted.len())?;
+        while let Some(batch) = reader
+            .next_batch()
+            .await
+            .map_err(|e| EngineError::repository(what(), e))?
+        {
+            check_batch(
+                &model.name,
+                m,
+                ts,
+                batch.keys.len(),
+                batch.values.len(),
+                batch.deleted.len(),
+            )?;
             for (i, &key) in batch.keys.iter().enumerate() {
                 if batch.deleted.get(i).copied().unwrap_or(false) {
                     tagged[0] = ABSENT;
                     tagged[1..].fill(0);
                 } else {
                     tagged[0] = PRESENT;
-                    ts.encode_fresh(&batch.values[i * ts.dim..(i + 1) * ts.dim], &mut tagged[1..]);
+                    ts.encode_fresh(
+                        &batch.values[i * ts.dim..(i + 1) * ts.dim],
+                        &mut tagged[1..],
+                    );
                 }
                 stage.shards[t][shard_of(key, shape.shards) as usize].upsert(key, &tagged);
             }

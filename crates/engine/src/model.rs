@@ -111,13 +111,19 @@ impl Model {
 
     /// Bytes of the base tables, staged rows and undo records.
     pub(crate) fn memory_bytes(&self) -> u64 {
-        let tables = self.view.load().as_ref().map(|v| v.tables.bytes()).unwrap_or(0);
+        let tables = self
+            .view
+            .load()
+            .as_ref()
+            .map(|v| v.tables.bytes())
+            .unwrap_or(0);
         tables + self.undo_bytes.load(Ordering::Relaxed) + self.stage_bytes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn fail(&self, version: Option<u64>, message: String) {
         self.load_failures.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("hopps_model_load_failures_total", "model" => self.name.clone()).increment(1);
+        metrics::counter!("hopps_model_load_failures_total", "model" => self.name.clone())
+            .increment(1);
         let mut rt = self.runtime.lock();
         if let Some(v) = version {
             rt.failed.insert(v);
@@ -160,7 +166,11 @@ impl Model {
                 } else {
                     0.0
                 };
-                p.eta_seconds = if frac > 0.0 { (el / frac - el).max(0.0) } else { 0.0 };
+                p.eta_seconds = if frac > 0.0 {
+                    (el / frac - el).max(0.0)
+                } else {
+                    0.0
+                };
             }
         }
     }

@@ -25,7 +25,11 @@ pub(crate) enum Optimizer {
 impl Optimizer {
     fn from_spec(model: &str, table: &str, spec: &OptimizerSpec) -> Result<Optimizer> {
         let lr = spec.learning_rate;
-        let eps = if spec.epsilon > 0.0 { spec.epsilon } else { 1e-8 };
+        let eps = if spec.epsilon > 0.0 {
+            spec.epsilon
+        } else {
+            1e-8
+        };
         if !(lr.is_finite() && lr > 0.0) {
             return Err(EngineError::invalid(format!(
                 "model {model} table {table}: optimizer learning_rate {lr} must be a positive number; \
@@ -111,7 +115,7 @@ impl TableShape {
             row_bytes: layout.row_bytes(),
             value_bytes: layout.value_bytes(),
             dtype: dtype.as_str().to_string(),
-            missing: spec.missing.clone(),
+            missing: spec.missing,
             optimizer,
         })
     }
@@ -151,7 +155,12 @@ impl TableShape {
 
     /// Applies one gradient to `row` (values and optimizer state) with the table's optimizer.
     /// `scratch` holds at least `dim` floats.
-    pub(crate) fn apply_gradient(&self, row: &mut [u8], grad: &[f32], scratch: &mut [f32]) -> Result<()> {
+    pub(crate) fn apply_gradient(
+        &self,
+        row: &mut [u8],
+        grad: &[f32],
+        scratch: &mut [f32],
+    ) -> Result<()> {
         let Some(opt) = self.optimizer else {
             return Err(EngineError::precondition(format!(
                 "table {} has no optimizer; set one in model.json to accept pushes, or use upsert",
@@ -233,7 +242,10 @@ mod tests {
             name: "t".into(),
             dim: 2,
             dtype: "f32".into(),
-            missing: MissingPolicy::Random { seed: 7, scale: 0.5 },
+            missing: MissingPolicy::Random {
+                seed: 7,
+                scale: 0.5,
+            },
             optimizer: opt.map(|k| OptimizerSpec {
                 kind: k.into(),
                 learning_rate: 0.1,
@@ -270,10 +282,16 @@ mod tests {
             let shape = TableShape::new("m", &spec(Some(kind))).unwrap();
             let mut row = vec![0u8; shape.row_bytes];
             shape.encode_fresh(&[1.0, 2.0], &mut row);
-            shape.apply_gradient(&mut row, &[0.5, 0.0], &mut scratch).unwrap();
+            shape
+                .apply_gradient(&mut row, &[0.5, 0.0], &mut scratch)
+                .unwrap();
             let mut w = [0f32; 2];
             shape.layout.decode(&row[..shape.value_bytes], &mut w);
-            assert!((w[0] - expect0).abs() < 1e-5, "{kind}: {} vs {expect0}", w[0]);
+            assert!(
+                (w[0] - expect0).abs() < 1e-5,
+                "{kind}: {} vs {expect0}",
+                w[0]
+            );
             assert_eq!(w[1], 2.0, "{kind}: a zero gradient leaves the value");
         }
     }
@@ -282,7 +300,9 @@ mod tests {
     fn push_without_optimizer_is_refused() {
         let shape = TableShape::new("m", &spec(None)).unwrap();
         let mut row = vec![0u8; shape.row_bytes];
-        let err = shape.apply_gradient(&mut row, &[1.0, 1.0], &mut [0.0; 2]).unwrap_err();
+        let err = shape
+            .apply_gradient(&mut row, &[1.0, 1.0], &mut [0.0; 2])
+            .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
         let bad = TableShape::new("m", &spec(Some("lamb"))).unwrap_err();
         assert!(bad.to_string().contains("lamb"));

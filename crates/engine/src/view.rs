@@ -34,14 +34,17 @@ pub(crate) struct Shape {
 
 impl Shape {
     pub(crate) fn table_index(&self, table: &str) -> Result<usize> {
-        self.tables.iter().position(|t| t.name == table).ok_or_else(|| {
-            let names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
-            EngineError::not_found(format!(
-                "model {} has no table {table:?}; its tables are {}",
-                self.model,
-                names.join(", ")
-            ))
-        })
+        self.tables
+            .iter()
+            .position(|t| t.name == table)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
+                EngineError::not_found(format!(
+                    "model {} has no table {table:?}; its tables are {}",
+                    self.model,
+                    names.join(", ")
+                ))
+            })
     }
 }
 
@@ -71,7 +74,11 @@ impl Tables {
     }
 
     pub(crate) fn bytes(&self) -> u64 {
-        self.shards.iter().flatten().map(|t| t.bytes_used() as u64).sum()
+        self.shards
+            .iter()
+            .flatten()
+            .map(|t| t.bytes_used() as u64)
+            .sum()
     }
 }
 
@@ -178,9 +185,17 @@ impl View {
                     continue;
                 }
                 let skeys = &s.skeys[a..b];
-                self.tables.shards[t][shard].lookup_batch(skeys, &mut s.rows[a * vb..b * vb], &mut s.hits[a..b]);
+                self.tables.shards[t][shard].lookup_batch(
+                    skeys,
+                    &mut s.rows[a * vb..b * vb],
+                    &mut s.hits[a..b],
+                );
                 if let Some(ov) = overlay {
-                    ov.shards[t][shard].lookup_batch(skeys, &mut s.orows[a * ob..b * ob], &mut s.ohits[a..b]);
+                    ov.shards[t][shard].lookup_batch(
+                        skeys,
+                        &mut s.orows[a * ob..b * ob],
+                        &mut s.ohits[a..b],
+                    );
                 }
             }
             for j in 0..n {

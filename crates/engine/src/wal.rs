@@ -113,11 +113,12 @@ fn segment_name(first_seq: u64) -> String {
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
-    let entries =
-        fs::read_dir(dir).map_err(|e| EngineError::wal_io(format!("listing {}", dir.display()), e))?;
+    let entries = fs::read_dir(dir)
+        .map_err(|e| EngineError::wal_io(format!("listing {}", dir.display()), e))?;
     let mut segments = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| EngineError::wal_io(format!("listing {}", dir.display()), e))?;
+        let entry =
+            entry.map_err(|e| EngineError::wal_io(format!("listing {}", dir.display()), e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let Some(stem) = name.strip_suffix(".wal") else {
@@ -254,8 +255,9 @@ pub fn read_all(dir: &Path) -> Result<Vec<WalRecord>> {
     }
     let mut records: Vec<WalRecord> = Vec::new();
     for seg in list_segments(dir)? {
-        let bytes = fs::read(&seg.path)
-            .map_err(|e| EngineError::wal_io(format!("reading WAL segment {}", seg.path.display()), e))?;
+        let bytes = fs::read(&seg.path).map_err(|e| {
+            EngineError::wal_io(format!("reading WAL segment {}", seg.path.display()), e)
+        })?;
         let (recs, _) = parse_segment(&bytes);
         let last = records.last().map(|l| l.seq).unwrap_or(0);
         records.extend(recs.into_iter().filter(|r| r.seq > last));
@@ -267,15 +269,17 @@ impl Wal {
     /// Opens (creating) the log in `dir`, returns it with every intact record, in sequence order.
     /// A torn tail of the newest segment is cut off; damage elsewhere is an error.
     pub fn open(dir: &Path, mode: WalSync) -> Result<(Wal, Vec<WalRecord>)> {
-        fs::create_dir_all(dir)
-            .map_err(|e| EngineError::wal_io(format!("creating WAL directory {}", dir.display()), e))?;
+        fs::create_dir_all(dir).map_err(|e| {
+            EngineError::wal_io(format!("creating WAL directory {}", dir.display()), e)
+        })?;
         let mut segments = list_segments(dir)?;
         let mut records: Vec<WalRecord> = Vec::new();
         let mut total = 0u64;
         let mut contents = Vec::with_capacity(segments.len());
         for seg in &segments {
-            let bytes = fs::read(&seg.path)
-                .map_err(|e| EngineError::wal_io(format!("reading WAL segment {}", seg.path.display()), e))?;
+            let bytes = fs::read(&seg.path).map_err(|e| {
+                EngineError::wal_io(format!("reading WAL segment {}", seg.path.display()), e)
+            })?;
             contents.push(bytes);
         }
         // The tail is the newest segment holding bytes: later ones are empty fresh segments
@@ -293,14 +297,26 @@ impl Wal {
                         dropped_bytes = bytes.len() - valid,
                         "cutting torn tail of write-ahead log"
                     );
-                    let f = OpenOptions::new().write(true).open(&seg.path).map_err(|e| {
-                        EngineError::wal_io(format!("opening WAL segment {}", seg.path.display()), e)
-                    })?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&seg.path)
+                        .map_err(|e| {
+                            EngineError::wal_io(
+                                format!("opening WAL segment {}", seg.path.display()),
+                                e,
+                            )
+                        })?;
                     f.set_len(valid as u64).map_err(|e| {
-                        EngineError::wal_io(format!("truncating WAL segment {}", seg.path.display()), e)
+                        EngineError::wal_io(
+                            format!("truncating WAL segment {}", seg.path.display()),
+                            e,
+                        )
                     })?;
                     f.sync_all().map_err(|e| {
-                        EngineError::wal_io(format!("syncing WAL segment {}", seg.path.display()), e)
+                        EngineError::wal_io(
+                            format!("syncing WAL segment {}", seg.path.display()),
+                            e,
+                        )
                     })?;
                 } else {
                     return Err(EngineError::internal(format!(
@@ -325,14 +341,19 @@ impl Wal {
             records.append(&mut recs);
         }
         let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
-        let last_named = segments.last().map(|s| s.first_seq.saturating_sub(1)).unwrap_or(0);
+        let last_named = segments
+            .last()
+            .map(|s| s.first_seq.saturating_sub(1))
+            .unwrap_or(0);
         let next = last_seq.max(last_named) + 1;
         let path = dir.join(segment_name(next));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|e| EngineError::wal_io(format!("creating WAL segment {}", path.display()), e))?;
+            .map_err(|e| {
+                EngineError::wal_io(format!("creating WAL segment {}", path.display()), e)
+            })?;
         sync_dir(dir)?;
         segments.push(Segment {
             first_seq: next,
@@ -373,7 +394,14 @@ impl Wal {
 
     /// Appends a record (not yet durable) and returns its sequence number. The caller holds the
     /// model's write lock, so the order of sequence numbers is the order writes were applied.
-    pub fn append(&self, version: u64, op: WalOp, table: &str, keys: &[u64], values: &[f32]) -> Result<u64> {
+    pub fn append(
+        &self,
+        version: u64,
+        op: WalOp,
+        table: &str,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Result<u64> {
         let err = self.shared.synced.borrow().error.clone();
         if let Some(err) = err {
             return Err(EngineError::new(
@@ -451,7 +479,9 @@ impl Wal {
                     .create(true)
                     .append(true)
                     .open(&path)
-                    .map_err(|e| EngineError::wal_io(format!("creating WAL segment {}", path.display()), e))?;
+                    .map_err(|e| {
+                        EngineError::wal_io(format!("creating WAL segment {}", path.display()), e)
+                    })?;
                 st.file = Arc::new(file);
                 st.segments.push(Segment {
                     first_seq: first_of_new,
@@ -475,19 +505,24 @@ impl Wal {
         let mut removed = 0u64;
         for seg in doomed {
             let len = fs::metadata(&seg.path).map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(&seg.path)
-                .map_err(|e| EngineError::wal_io(format!("deleting WAL segment {}", seg.path.display()), e))?;
+            fs::remove_file(&seg.path).map_err(|e| {
+                EngineError::wal_io(format!("deleting WAL segment {}", seg.path.display()), e)
+            })?;
             removed += len;
         }
         sync_dir(&shared.dir)?;
-        shared.bytes.fetch_sub(removed.min(shared.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        shared.bytes.fetch_sub(
+            removed.min(shared.bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
     // Make segment creation and deletion durable (POSIX needs the directory fsynced).
-    let d = File::open(dir).map_err(|e| EngineError::wal_io(format!("opening {}", dir.display()), e))?;
+    let d = File::open(dir)
+        .map_err(|e| EngineError::wal_io(format!("opening {}", dir.display()), e))?;
     d.sync_all()
         .map_err(|e| EngineError::wal_io(format!("syncing {}", dir.display()), e))
 }
@@ -522,10 +557,13 @@ fn run_syncer(shared: &Shared) {
         };
         let started = Instant::now();
         let outcome = (&*file).write_all(&batch).and_then(|()| file.sync_data());
-        metrics::histogram!("hopps_wal_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("hopps_wal_fsync_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => {
-                shared.bytes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                shared
+                    .bytes
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 shared.synced.send_modify(|s| s.synced = last);
             }
             Err(e) => {
@@ -568,12 +606,22 @@ mod tests {
         let mut seqs = Vec::new();
         for i in 0..n {
             let seq = wal
-                .append(7, WalOp::Upsert, "emb", &[i, i + 1], &[i as f32, 1.0, 2.0, 3.0])
+                .append(
+                    7,
+                    WalOp::Upsert,
+                    "emb",
+                    &[i, i + 1],
+                    &[i as f32, 1.0, 2.0, 3.0],
+                )
                 .unwrap();
             seqs.push(seq);
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(wal.wait_durable(*seqs.last().unwrap())).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(wal.wait_durable(*seqs.last().unwrap()))
+            .unwrap();
         seqs
     }
 
@@ -651,7 +699,10 @@ mod tests {
             let (wal, recs) = Wal::open(dir.path(), WalSync::Always).unwrap();
             assert_eq!(recs.len(), 3);
             let s = wal.append(9, WalOp::Delete, "emb", &[4], &[]).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(wal.wait_durable(s)).unwrap();
         }
         let first = &list_segments(dir.path()).unwrap()[0];

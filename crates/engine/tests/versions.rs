@@ -45,12 +45,20 @@ async fn loads_the_newest_version_and_applies_deltas_incrementally() {
     assert_eq!(ms.rows, v3_rows.len() as u64);
     assert!(ms.undo_bytes > 0, "the delta's undo record is kept");
     let versions = e.versions(MODEL).await.unwrap();
-    let states: Vec<(u64, &str)> = versions.iter().map(|v| (v.version, v.state.as_str())).collect();
-    assert_eq!(states, vec![(v1, "committed"), (v2, "committed"), (v3, "serving")]);
+    let states: Vec<(u64, &str)> = versions
+        .iter()
+        .map(|v| (v.version, v.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![(v1, "committed"), (v2, "committed"), (v3, "serving")]
+    );
     // The old version is no longer readable.
     let mut out = vec![0f32; DIM];
     let mut found = vec![false];
-    let err = e.lookup(MODEL, TABLE, &[5], Some(v2), &mut out, &mut found).unwrap_err();
+    let err = e
+        .lookup(MODEL, TABLE, &[5], Some(v2), &mut out, &mut found)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(err.to_string().contains(&format!("version {v2}")), "{err}");
 }
@@ -59,12 +67,25 @@ async fn loads_the_newest_version_and_applies_deltas_incrementally() {
 async fn missing_key_policies() {
     let fx = Fixture::new().await;
     let rows = base_rows(10);
-    publish_full(&fx.repo, &spec_with(2, MissingPolicy::Random { seed: 9, scale: 0.1 }, None), &rows).await;
+    publish_full(
+        &fx.repo,
+        &spec_with(
+            2,
+            MissingPolicy::Random {
+                seed: 9,
+                scale: 0.1,
+            },
+            None,
+        ),
+        &rows,
+    )
+    .await;
     let e = fx.engine().await;
     let keys = [3u64, 1_000_000];
     let mut out = vec![0f32; 2 * DIM];
     let mut found = vec![false; 2];
-    e.lookup(MODEL, TABLE, &keys, None, &mut out, &mut found).unwrap();
+    e.lookup(MODEL, TABLE, &keys, None, &mut out, &mut found)
+        .unwrap();
     assert_eq!(found, vec![true, false]);
     let mut init = vec![0f32; DIM];
     hopps_engine::random_init(9, 0.1, 1_000_000, &mut init);
@@ -77,15 +98,23 @@ async fn missing_key_policies() {
     let fx = Fixture::new().await;
     publish_full(&fx.repo, &spec_with(2, MissingPolicy::Error, None), &rows).await;
     let e = fx.engine().await;
-    let err = e.lookup(MODEL, TABLE, &keys, None, &mut out, &mut found).unwrap_err();
+    let err = e
+        .lookup(MODEL, TABLE, &keys, None, &mut out, &mut found)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.to_string().contains("1000000"), "{err}");
     // Bad buffers and unknown names are errors, not panics.
-    let err = e.lookup(MODEL, TABLE, &keys, None, &mut out[..3], &mut found).unwrap_err();
+    let err = e
+        .lookup(MODEL, TABLE, &keys, None, &mut out[..3], &mut found)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    let err = e.lookup(MODEL, "nope", &keys, None, &mut out, &mut found).unwrap_err();
+    let err = e
+        .lookup(MODEL, "nope", &keys, None, &mut out, &mut found)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    let err = e.lookup("nope", TABLE, &keys, None, &mut out, &mut found).unwrap_err();
+    let err = e
+        .lookup("nope", TABLE, &keys, None, &mut out, &mut found)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
 }
 
@@ -112,11 +141,20 @@ async fn instant_rollback_is_recorded_and_honoured() {
     // The watcher never applies the rolled-back deltas again.
     e.poll_repository().await.unwrap();
     assert_eq!(assert_rows(&e, &universe(350), &r1, None), v1);
-    let states: Vec<(u64, String)> =
-        e.versions(MODEL).await.unwrap().into_iter().map(|v| (v.version, v.state)).collect();
+    let states: Vec<(u64, String)> = e
+        .versions(MODEL)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.state))
+        .collect();
     assert_eq!(
         states,
-        vec![(v1, "serving".into()), (v2, "rolled_back".into()), (v3, "rolled_back".into())]
+        vec![
+            (v1, "serving".into()),
+            (v2, "rolled_back".into()),
+            (v3, "rolled_back".into())
+        ]
     );
 
     // A later delta whose parent is the rollback target is applied; one on a dead parent is not.
@@ -128,7 +166,10 @@ async fn instant_rollback_is_recorded_and_honoured() {
     assert_eq!(assert_rows(&e, &universe(350), &r4, None), v4);
 
     let h = e.history(MODEL).await.unwrap();
-    let events: Vec<(String, u64, Option<u64>)> = h.iter().map(|h| (h.event.clone(), h.version, h.from_version)).collect();
+    let events: Vec<(String, u64, Option<u64>)> = h
+        .iter()
+        .map(|h| (h.event.clone(), h.version, h.from_version))
+        .collect();
     assert_eq!(
         events,
         vec![
@@ -147,8 +188,14 @@ async fn instant_rollback_is_recorded_and_honoured() {
     assert_ne!(stale, v4);
 
     // Bad rollbacks are refused.
-    assert_eq!(e.rollback(MODEL, v4 + 5).await.unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(e.rollback(MODEL, v2).await.unwrap_err().kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(
+        e.rollback(MODEL, v4 + 5).await.unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        e.rollback(MODEL, v2).await.unwrap_err().kind(),
+        ErrorKind::FailedPrecondition
+    );
 }
 
 #[tokio::test]
@@ -169,7 +216,11 @@ async fn rollback_beyond_the_undo_window_rebuilds() {
     let u3: Rows = (0..20).map(|k| (k, row_of(k, 3))).collect();
     let v3 = publish_delta(&fx.repo, v2, &u3, &[]).await;
     e.poll_repository().await.unwrap();
-    assert_eq!(e.status().models[0].undo_bytes, 0, "a zero budget keeps no undo records");
+    assert_eq!(
+        e.status().models[0].undo_bytes,
+        0,
+        "a zero budget keeps no undo records"
+    );
 
     let rep = e.rollback(MODEL, v2).await.unwrap();
     assert_eq!(rep.method, "rebuild");
@@ -220,8 +271,16 @@ async fn restart_uses_the_newest_checkpoint_and_retention_keeps_the_newest() {
     assert_eq!(kept, vec![parent - 1, parent]);
     drop(e);
     // Remove the full version's data: a restart that did not start from the checkpoint fails.
-    std::fs::remove_dir_all(fx.dir.path().join("repo").join(MODEL).join("versions").join(format!("{v1:020}")).join(TABLE))
-        .unwrap();
+    std::fs::remove_dir_all(
+        fx.dir
+            .path()
+            .join("repo")
+            .join(MODEL)
+            .join("versions")
+            .join(format!("{v1:020}"))
+            .join(TABLE),
+    )
+    .unwrap();
     let e = fx.engine_with(c).await;
     assert_eq!(assert_rows(&e, &universe(200), &rows, None), parent);
 }
@@ -254,7 +313,10 @@ async fn background_watcher_applies_new_versions() {
     let v2 = publish_delta(&fx.repo, v1, &up, &[]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while e.status().models[0].serving_version != Some(v2) {
-        assert!(tokio::time::Instant::now() < deadline, "delta not applied within 10 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delta not applied within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_rows(&e, &universe(50), &apply(&r1, &up, &[]), None);
@@ -267,7 +329,12 @@ async fn background_watcher_applies_new_versions() {
 async fn online_writes_replay_and_interact_with_versions() {
     let fx = Fixture::new().await;
     let r1 = base_rows(20);
-    let v1 = publish_full(&fx.repo, &spec_with(2, MissingPolicy::Zeros, Some("sgd")), &r1).await;
+    let v1 = publish_full(
+        &fx.repo,
+        &spec_with(2, MissingPolicy::Zeros, Some("sgd")),
+        &r1,
+    )
+    .await;
     let e = fx.engine().await;
     let w = vec![9.0f32; DIM];
     let ack = e.upsert(MODEL, TABLE, &[100], &w).await.unwrap();
@@ -291,7 +358,10 @@ async fn online_writes_replay_and_interact_with_versions() {
     let up: Rows = [(1u64, row_of(1, 7))].into_iter().collect();
     let v2 = publish_delta(&fx.repo, v1, &up, &[]).await;
     e.poll_repository().await.unwrap();
-    let ack = e.upsert(MODEL, TABLE, &[2, 200], &[3.0; 2 * DIM]).await.unwrap();
+    let ack = e
+        .upsert(MODEL, TABLE, &[2, 200], &[3.0; 2 * DIM])
+        .await
+        .unwrap();
     assert_eq!(ack.version, v2);
     e.rollback(MODEL, v1).await.unwrap();
     assert_rows(&e, &universe(200), &expect, None);
@@ -304,7 +374,10 @@ async fn online_writes_replay_and_interact_with_versions() {
     let before = e.status().wal_bytes;
     let ck = e.checkpoint(MODEL).await.unwrap();
     assert_eq!(ck.version, v1);
-    assert!(e.status().wal_bytes < before, "checkpoint truncates the WAL");
+    assert!(
+        e.status().wal_bytes < before,
+        "checkpoint truncates the WAL"
+    );
     e.upsert(MODEL, TABLE, &[300], &w).await.unwrap();
     expect.insert(300, w.clone());
     drop(e);
@@ -314,7 +387,10 @@ async fn online_writes_replay_and_interact_with_versions() {
     // Bad writes are refused with a reason.
     let err = e.upsert(MODEL, TABLE, &[1], &[1.0]).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    let err = e.upsert(MODEL, TABLE, &[1], &[f32::NAN; DIM]).await.unwrap_err();
+    let err = e
+        .upsert(MODEL, TABLE, &[1], &[f32::NAN; DIM])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 }
 

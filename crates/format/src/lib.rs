@@ -22,7 +22,7 @@ pub mod shard;
 pub mod spec;
 pub mod storage;
 
-pub use error::{ErrorKind, FormatError};
+pub use error::{ErrorKind, FormatError, Result};
 pub use publish::{InputFile, PublishOptions, PublishProgress, PublishRequest, TableArrays, TableInput};
 pub use repo::{CheckpointWriter, Repository, RowReader};
 pub use rows::RowBatch;

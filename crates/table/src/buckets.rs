@@ -184,7 +184,11 @@ impl Buckets {
 
     #[inline(always)]
     fn wrap(&self, c: usize) -> usize {
-        if c >= self.buckets { c - self.buckets } else { c }
+        if c >= self.buckets {
+            c - self.buckets
+        } else {
+            c
+        }
     }
 
     #[inline(always)]
@@ -259,8 +263,12 @@ impl Buckets {
             let b = self.bucket(self.wrap(home + i));
             if let Some(j) = Self::slot_of(b, b[SEQ].load(Ordering::Relaxed), key) {
                 let row = self.row(b, j);
-                if let (Some(first), Some(last)) = (row.first(), row.last()) {
-                    prefetch(first);
+                // Every line of the row: 16 words a line, plus the last word for a row that
+                // starts mid-line.
+                for w in row.iter().step_by(16) {
+                    prefetch(w);
+                }
+                if let Some(last) = row.last() {
                     prefetch(last);
                 }
                 return;
@@ -375,7 +383,10 @@ impl Buckets {
     #[inline(always)]
     fn end(seq: &AtomicU32, flags: u32) {
         let v = seq.load(Ordering::Relaxed);
-        seq.store((v & !BUSY).wrapping_add(SEQ_STEP) | flags, Ordering::Release);
+        seq.store(
+            (v & !BUSY).wrapping_add(SEQ_STEP) | flags,
+            Ordering::Release,
+        );
     }
 
     /// Marks a slot occupied (release: its key and row, written before, become visible with
@@ -430,7 +441,10 @@ impl Buckets {
                 Self::set_occupied(self.bucket(at.bucket), at.slot, false);
                 if !keep_bit {
                     let i = (at.bucket + self.buckets - at.home) % self.buckets;
-                    hb[HOP].store(hb[HOP].load(Ordering::Relaxed) & !(1 << i), Ordering::Relaxed);
+                    hb[HOP].store(
+                        hb[HOP].load(Ordering::Relaxed) & !(1 << i),
+                        Ordering::Relaxed,
+                    );
                 }
                 Self::end(&hb[SEQ], 0);
                 occupied.clear(at.bucket * B + at.slot);
@@ -454,7 +468,12 @@ impl Buckets {
 
     /// Inserts a key known to be absent. Fails only when neither a displacement nor the
     /// overflow area can take it.
-    pub(crate) fn insert_new(&self, key: u64, row: &[u8], occupied: &mut Occupancy) -> Result<(), Full> {
+    pub(crate) fn insert_new(
+        &self,
+        key: u64,
+        row: &[u8],
+        occupied: &mut Occupancy,
+    ) -> Result<(), Full> {
         let home = self.home(key);
         let hb = self.bucket(home);
         if let Some((bucket, slot)) = self.make_room(home, occupied) {
@@ -465,7 +484,10 @@ impl Buckets {
             copy_in(self.row(b, slot), row);
             Self::set_occupied(b, slot, true);
             let i = (bucket + self.buckets - home) % self.buckets;
-            hb[HOP].store(hb[HOP].load(Ordering::Relaxed) | (1 << i), Ordering::Relaxed);
+            hb[HOP].store(
+                hb[HOP].load(Ordering::Relaxed) | (1 << i),
+                Ordering::Relaxed,
+            );
             Self::end(&hb[SEQ], 0);
             occupied.set(bucket * B + slot);
             return Ok(());
@@ -496,7 +518,8 @@ impl Buckets {
         let slots = self.buckets * B;
         let mut from = 0;
         while from < MAX_SEARCH.min(slots) {
-            let d = from + occupied.free_distance((home * B + from) % slots, slots, MAX_SEARCH - from)?;
+            let d = from
+                + occupied.free_distance((home * B + from) % slots, slots, MAX_SEARCH - from)?;
             if let Some(at) = self.bring_close((home * B + d) % slots, d / B, occupied) {
                 return Some(at);
             }
@@ -548,7 +571,10 @@ impl Buckets {
                     break;
                 }
             }
-            debug_assert!(moved, "hop bit of home {b} names bucket {c} without its key");
+            debug_assert!(
+                moved,
+                "hop bit of home {b} names bucket {c} without its key"
+            );
             if !moved {
                 return None;
             }
@@ -564,7 +590,10 @@ impl Buckets {
         let (src, dst) = (self.bucket(from.0), self.bucket(to.0));
         Self::begin(&hb[SEQ]);
         for w in 0..2 {
-            dst[KEYS + 2 * to.1 + w].store(src[KEYS + 2 * from.1 + w].load(Ordering::Relaxed), Ordering::Relaxed);
+            dst[KEYS + 2 * to.1 + w].store(
+                src[KEYS + 2 * from.1 + w].load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
         for (d, s) in self.row(dst, to.1).iter().zip(self.row(src, from.1)) {
             d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -580,7 +609,12 @@ impl Buckets {
     }
 
     /// Every (key, row) of the array, for the writer (growth, iteration under the writer lock).
-    pub(crate) fn for_each_entry(&self, occupied: &Occupancy, row: &mut [u8], mut f: impl FnMut(u64, &[u8])) {
+    pub(crate) fn for_each_entry(
+        &self,
+        occupied: &Occupancy,
+        row: &mut [u8],
+        mut f: impl FnMut(u64, &[u8]),
+    ) {
         for c in 0..self.buckets {
             let b = self.bucket(c);
             for j in 0..B {
@@ -609,7 +643,9 @@ impl Buckets {
             for j in 0..B {
                 let bit = seq & (1 << (OCC_SHIFT as usize + j)) != 0;
                 if bit != occupied.is_set(c * B + j) {
-                    return Err(format!("bucket {c} slot {j}: occupancy bit and writer record differ"));
+                    return Err(format!(
+                        "bucket {c} slot {j}: occupancy bit and writer record differ"
+                    ));
                 }
                 if !bit {
                     continue;
@@ -619,10 +655,14 @@ impl Buckets {
                 let home = self.home(key);
                 let i = (c + self.buckets - home) % self.buckets;
                 if i >= H {
-                    return Err(format!("key {key} in bucket {c} is {i} buckets from its home {home}"));
+                    return Err(format!(
+                        "key {key} in bucket {c} is {i} buckets from its home {home}"
+                    ));
                 }
                 if self.bucket(home)[HOP].load(Ordering::Relaxed) & (1 << i) == 0 {
-                    return Err(format!("key {key} in bucket {c}: bit {i} of home {home} clear"));
+                    return Err(format!(
+                        "key {key} in bucket {c}: bit {i} of home {home} clear"
+                    ));
                 }
             }
         }
@@ -632,7 +672,9 @@ impl Buckets {
                 let i = hop.trailing_zeros() as usize;
                 hop &= hop - 1;
                 if !self.holds_home(self.wrap(home + i), home, B) {
-                    return Err(format!("home {home} bit {i}: bucket holds no key of this home"));
+                    return Err(format!(
+                        "home {home} bit {i}: bucket holds no key of this home"
+                    ));
                 }
             }
         }
@@ -668,7 +710,10 @@ fn copy_out(words: &[AtomicU32], out: &mut [u8]) {
 fn copy_in(words: &[AtomicU32], row: &[u8]) {
     let mut chunks = row.chunks_exact(4);
     for (w, c) in words.iter().zip(&mut chunks) {
-        w.store(u32::from_le_bytes([c[0], c[1], c[2], c[3]]), Ordering::Relaxed);
+        w.store(
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            Ordering::Relaxed,
+        );
     }
     let tail = chunks.remainder();
     if !tail.is_empty() {

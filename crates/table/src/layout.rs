@@ -95,8 +95,15 @@ impl RowLayout {
     /// bugs, checked in debug builds. In release builds only the values that fit are written
     /// (missing values encode as 0), so a bad length never reads or writes out of bounds.
     pub fn encode(&self, values: &[f32], row: &mut [u8]) {
-        debug_assert_eq!(values.len(), self.dim as usize, "encode: values.len() != dim");
-        debug_assert!(row.len() >= self.value_bytes(), "encode: row shorter than value_bytes()");
+        debug_assert_eq!(
+            values.len(),
+            self.dim as usize,
+            "encode: values.len() != dim"
+        );
+        debug_assert!(
+            row.len() >= self.value_bytes(),
+            "encode: row shorter than value_bytes()"
+        );
         let dim = self.dim as usize;
         let value = |i: usize| values.get(i).copied().unwrap_or(0.0);
         match self.dtype {
@@ -147,7 +154,10 @@ impl RowLayout {
     /// debug builds); in release builds values that `row` does not hold decode as 0.
     pub fn decode(&self, row: &[u8], out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.dim as usize, "decode: out.len() != dim");
-        debug_assert!(row.len() >= self.value_bytes(), "decode: row shorter than value_bytes()");
+        debug_assert!(
+            row.len() >= self.value_bytes(),
+            "decode: row shorter than value_bytes()"
+        );
         let dim = (self.dim as usize).min(out.len());
         out[..dim].fill(0.0);
         match self.dtype {
@@ -209,7 +219,10 @@ mod tests {
         let mut out = vec![0.0; values.len()];
         layout.decode(&row, &mut out);
         for (a, b) in values.iter().zip(&out) {
-            assert!((a - b).abs() <= tolerance * a.abs().max(1.0), "{dtype}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= tolerance * a.abs().max(1.0),
+                "{dtype}: {a} vs {b}"
+            );
         }
     }
 

@@ -57,9 +57,6 @@ fn loom_probe_during_overwrite() {
     loom_model(|| {
         let table = Arc::new(Table::with_capacity(ROW, 4));
         table.upsert(7, &row(1));
-        static RUNS2: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        RUNS2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        eprintln!("ow run {}", RUNS2.load(std::sync::atomic::Ordering::Relaxed));
         let writer = {
             let table = table.clone();
             thread::spawn(move || table.upsert(7, &row(2)))
@@ -81,25 +78,28 @@ fn loom_probe_during_displacement() {
     let keys = keys_with_homes(5, &[0, 1, 1, 0]);
     let (a, b, c, d) = (keys[0], keys[1], keys[2], keys[3]);
     loom_model(move || {
-        let keys = [a, b, c, d];
         let table = Arc::new(Table::with_capacity(ROW, 4));
-        assert_eq!(table.capacity(), 5);
         table.upsert(a, &row(10));
         table.upsert(b, &row(11));
         table.upsert(c, &row(12));
-        let writer = {
+        let reader = {
             let table = table.clone();
-            thread::spawn(move || table.upsert(d, &row(13)))
+            thread::spawn(move || {
+                let mut out = [0u8; ROW];
+                assert!(table.get(b, &mut out), "displaced key missed");
+                assert_eq!(whole(&out), Some(11), "displaced key read torn or wrong");
+            })
         };
-        let mut out = [0u8; ROW];
-        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        eprintln!("run {} {:?}", RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed), keys);
-        assert!(table.get(b, &mut out), "displaced key missed");
-        assert_eq!(whole(&out), Some(11), "displaced key read torn or wrong");
-        writer.join().unwrap();
-        eprintln!("ovf {}", table.overflow_len());
-        assert_eq!(table.capacity(), 5, "the model expected a displacement, not a growth");
+        table.upsert(d, &row(13));
+        reader.join().unwrap();
+        assert_eq!(
+            table.capacity(),
+            5,
+            "the model expected a displacement, not a growth"
+        );
+        assert_eq!(table.overflow_len(), 0, "the model expected a displacement");
         table.check_invariants().unwrap();
+        let mut out = [0u8; ROW];
         for (k, t) in [(a, 10), (b, 11), (c, 12), (d, 13)] {
             assert!(table.get(k, &mut out));
             assert_eq!(whole(&out), Some(t));
@@ -115,19 +115,25 @@ fn loom_probe_during_growth() {
         for k in 0..3u64 {
             table.upsert(k, &row(k as u32));
         }
-        let writer = {
+        let reader = {
             let table = table.clone();
-            // The fourth key exceeds the maximum load: the table grows.
-            thread::spawn(move || table.upsert(3, &row(3)))
+            thread::spawn(move || {
+                let mut out = [0u8; ROW];
+                for k in [0u64, 2] {
+                    assert!(table.get(k, &mut out), "key {k} missed during growth");
+                    assert_eq!(whole(&out), Some(k as u32));
+                }
+            })
         };
-        let mut out = [0u8; ROW];
-        for k in [0u64, 2] {
-            assert!(table.get(k, &mut out), "key {k} missed during growth");
-            assert_eq!(whole(&out), Some(k as u32));
-        }
-        writer.join().unwrap();
+        // The fourth key exceeds the maximum load: the table grows.
+        table.upsert(3, &row(3));
+        // Also overwrite a key in the new array while the reader may still hold the old one.
+        table.upsert(2, &row(2));
+        reader.join().unwrap();
         assert!(table.capacity() > cap);
+        let mut out = [0u8; ROW];
         assert!(table.get(3, &mut out));
+        table.reclaim_now();
     });
 }
 
@@ -145,7 +151,12 @@ fn loom_reclamation() {
     }
     loom_model(|| {
         let freed: Arc<[AtomicUsize; 3]> = Arc::new(std::array::from_fn(|_| AtomicUsize::new(0)));
-        let value = |id| Box::new(Value { id, freed: freed.clone() });
+        let value = |id| {
+            Box::new(Value {
+                id,
+                freed: freed.clone(),
+            })
+        };
         let (shared, mut token) = Shared::new(value(0));
         let shared = Arc::new(shared);
         let reader = {
@@ -155,9 +166,17 @@ fn loom_reclamation() {
                 for _ in 0..2 {
                     let g = shared.pin();
                     let id = g.id;
-                    assert_eq!(freed[id].load(Ordering::SeqCst), 0, "value {id} freed while pinned");
+                    assert_eq!(
+                        freed[id].load(Ordering::SeqCst),
+                        0,
+                        "value {id} freed while pinned"
+                    );
                     thread::yield_now();
-                    assert_eq!(freed[id].load(Ordering::SeqCst), 0, "value {id} freed while pinned");
+                    assert_eq!(
+                        freed[id].load(Ordering::SeqCst),
+                        0,
+                        "value {id} freed while pinned"
+                    );
                 }
             })
         };

@@ -24,6 +24,7 @@ pub(crate) struct Words {
     heap: Box<[AtomicU32]>,
     #[cfg(loom)]
     heap: Box<[AtomicU32]>,
+    #[cfg(not(loom))]
     len: usize,
     huge_pages: bool,
 }
@@ -57,7 +58,6 @@ impl Words {
         #[cfg(loom)]
         Words {
             heap: (0..len).map(|_| AtomicU32::new(0)).collect(),
-            len,
             huge_pages: false,
         }
     }
@@ -71,7 +71,9 @@ impl Words {
             // as `self`, which the returned borrow cannot outlive. AtomicU32 has the size and
             // alignment of u32, and no `&mut` to the mapping is ever created after this point,
             // so all access is through atomics.
-            return unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU32>(), self.len) };
+            return unsafe {
+                std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU32>(), self.len)
+            };
         }
         &self.heap
     }
@@ -95,6 +97,20 @@ pub(crate) fn prefetch(word: &AtomicU32) {
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom))))]
     let _ = word;
+}
+
+/// Hint the CPU to bring the line holding `byte` into cache. Never faults.
+#[inline(always)]
+pub(crate) fn prefetch_byte(byte: &u8) {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    // SAFETY: as in `prefetch`: a hint on the address of a live reference.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+            (byte as *const u8).cast::<i8>(),
+        );
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = byte;
 }
 
 /// Number of pin-counter stripes per parity.
@@ -164,7 +180,8 @@ impl<T> Shared<T> {
             id: {
                 // Ids only pair a table with its token; std's atomic even under loom, since
                 // this is no part of the protocol being modelled.
-                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+                static NEXT: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(1);
                 NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             },
             _owns: PhantomData,
@@ -211,7 +228,11 @@ impl<T> Shared<T> {
 
     /// The current value, for the writer.
     pub(crate) fn current<'a>(&'a self, token: &'a WriterToken) -> &'a T {
-        assert_eq!(token.owner, self.owner_id(), "writer token of another table");
+        assert_eq!(
+            token.owner,
+            self.owner_id(),
+            "writer token of another table"
+        );
         // SAFETY: only the holder of the (unique, unclonable) token swaps and frees values, and it
         // needs `&mut` to the token to do so, which ends this shared borrow first.
         unsafe { &*self.current.load(Ordering::SeqCst) }
@@ -225,7 +246,11 @@ impl<T> Shared<T> {
         previous: Option<Retired<T>>,
         value: Box<T>,
     ) -> Retired<T> {
-        assert_eq!(token.owner, self.owner_id(), "writer token of another table");
+        assert_eq!(
+            token.owner,
+            self.owner_id(),
+            "writer token of another table"
+        );
         if let Some(mut previous) = previous {
             loop {
                 match self.try_reclaim(token, previous) {
@@ -244,8 +269,16 @@ impl<T> Shared<T> {
     }
 
     /// Frees `retired` if no reader can still hold it; otherwise hands it back.
-    pub(crate) fn try_reclaim(&self, token: &WriterToken, retired: Retired<T>) -> Option<Retired<T>> {
-        assert_eq!(token.owner, self.owner_id(), "writer token of another table");
+    pub(crate) fn try_reclaim(
+        &self,
+        token: &WriterToken,
+        retired: Retired<T>,
+    ) -> Option<Retired<T>> {
+        assert_eq!(
+            token.owner,
+            self.owner_id(),
+            "writer token of another table"
+        );
         let base = retired.parity * STRIPES;
         // Pairs with the fence in `pin` (see there).
         fence(Ordering::SeqCst);

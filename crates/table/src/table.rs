@@ -20,7 +20,11 @@ fn slots_for(rows: usize) -> usize {
 }
 
 fn overflow_cap_for(slots: usize) -> usize {
-    if cfg!(loom) { 2 } else { (slots >> 12).clamp(16, 1024) }
+    if cfg!(loom) {
+        2
+    } else {
+        (slots >> 12).clamp(16, 1024)
+    }
 }
 
 /// A concurrent map from `u64` key to a fixed-size row of bytes, built on Hopscotch hashing.
@@ -145,8 +149,14 @@ impl Table {
             return 0;
         }
         let stride = out.len() / keys.len();
-        debug_assert!(stride <= self.row_bytes, "lookup_batch: stride longer than a row");
-        debug_assert!(found.len() >= keys.len(), "lookup_batch: found shorter than keys");
+        debug_assert!(
+            stride <= self.row_bytes,
+            "lookup_batch: stride longer than a row"
+        );
+        debug_assert!(
+            found.len() >= keys.len(),
+            "lookup_batch: found shorter than keys"
+        );
         let copy = stride.min(self.row_bytes);
         let b = self.shared.pin();
         let mut n = 0;
@@ -187,7 +197,11 @@ impl Table {
     /// Upserts `keys[i]` with `rows[i * row_bytes..][..row_bytes]`, in order (a later duplicate
     /// wins). `rows.len()` must be `keys.len() * row_bytes`.
     pub fn upsert_batch(&self, keys: &[u64], rows: &[u8]) {
-        debug_assert_eq!(rows.len(), keys.len() * self.row_bytes, "upsert_batch: rows length");
+        debug_assert_eq!(
+            rows.len(),
+            keys.len() * self.row_bytes,
+            "upsert_batch: rows length"
+        );
         if rows.len() != keys.len() * self.row_bytes {
             return;
         }
@@ -199,7 +213,10 @@ impl Table {
             let w = &mut *w;
             self.rebuild(w, slots_for(need));
         }
-        for (window, rows) in keys.chunks(WINDOW).zip(rows.chunks(WINDOW * self.row_bytes.max(1))) {
+        for (window, rows) in keys
+            .chunks(WINDOW)
+            .zip(rows.chunks(WINDOW * self.row_bytes.max(1)))
+        {
             {
                 let b = self.shared.current(&w.token);
                 for &k in window {
@@ -207,7 +224,11 @@ impl Table {
                 }
             }
             for (i, &k) in window.iter().enumerate() {
-                self.upsert_one(&mut w, k, &rows[i * self.row_bytes..(i + 1) * self.row_bytes]);
+                self.upsert_one(
+                    &mut w,
+                    k,
+                    &rows[i * self.row_bytes..(i + 1) * self.row_bytes],
+                );
             }
         }
     }

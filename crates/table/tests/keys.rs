@@ -9,7 +9,10 @@ fn families(n: u64) -> Vec<(&'static str, Vec<u64>)> {
     vec![
         ("sequential", (0..n).collect()),
         ("i << 20", (0..n).map(|i| i << 20).collect()),
-        ("i << 32 | small", (0..n).map(|i| (i / 16) << 32 | (i % 16)).collect()),
+        (
+            "i << 32 | small",
+            (0..n).map(|i| (i / 16) << 32 | (i % 16)).collect(),
+        ),
         ("i << 44", (0..n).map(|i| i << 44).collect()),
         ("random", (0..n).map(|_| rng.random()).collect()),
     ]
@@ -17,7 +20,10 @@ fn families(n: u64) -> Vec<(&'static str, Vec<u64>)> {
 
 fn fill(keys: &[u64]) -> Table {
     let table = Table::with_capacity(4, keys.len());
-    let rows: Vec<u8> = keys.iter().flat_map(|&k| (k as u32).to_le_bytes()).collect();
+    let rows: Vec<u8> = keys
+        .iter()
+        .flat_map(|&k| (k as u32).to_le_bytes())
+        .collect();
     table.upsert_batch(keys, &rows);
     table
 }
@@ -29,8 +35,16 @@ fn key_families_fill_to_095_without_overflow() {
         for (name, keys) in families(n) {
             let table = fill(&keys);
             assert_eq!(table.len(), keys.len(), "{name} n={n}");
-            assert!(table.load_factor() >= 0.95, "{name} n={n}: load factor {}", table.load_factor());
-            assert_eq!(table.overflow_len(), 0, "{name} n={n}: keys in the overflow area");
+            assert!(
+                table.load_factor() >= 0.95,
+                "{name} n={n}: load factor {}",
+                table.load_factor()
+            );
+            assert_eq!(
+                table.overflow_len(),
+                0,
+                "{name} n={n}: keys in the overflow area"
+            );
             let mut out = [0u8; 4];
             for &k in keys.iter().step_by(97) {
                 assert!(table.get(k, &mut out), "{name}: lost {k}");
@@ -48,5 +62,9 @@ fn sized_table_does_not_grow_when_filled() {
     for &k in &keys {
         table.upsert(k, &[1, 2, 3, 4]);
     }
-    assert_eq!(table.capacity(), capacity, "a table sized for N grew while loading N");
+    assert_eq!(
+        table.capacity(),
+        capacity,
+        "a table sized for N grew while loading N"
+    );
 }

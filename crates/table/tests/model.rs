@@ -34,7 +34,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn row(k: u64, v: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (k as u8) ^ v.wrapping_add(i as u8)).collect()
+    (0..len)
+        .map(|i| (k as u8) ^ v.wrapping_add(i as u8))
+        .collect()
 }
 
 proptest! {
@@ -103,7 +105,9 @@ fn crowded_home_uses_the_overflow_area() {
     let slots = table.capacity() as u128;
     let home = 500u128;
     let base = ((home << 64) + slots - 1) / slots;
-    let keys: Vec<u64> = (0..200u64).map(|i| unmix((base + i as u128) as u64)).collect();
+    let keys: Vec<u64> = (0..200u64)
+        .map(|i| unmix((base + i as u128) as u64))
+        .collect();
     for &k in &keys {
         table.upsert(k, &k.to_le_bytes());
     }
@@ -112,7 +116,11 @@ fn crowded_home_uses_the_overflow_area() {
         table.upsert(k, &(!k).to_le_bytes());
     }
     // A neighbourhood is 32 buckets of 4 slots: at most 128 of them fit there.
-    assert!(table.overflow_len() >= 200 - 128, "overflow holds {}", table.overflow_len());
+    assert!(
+        table.overflow_len() >= 200 - 128,
+        "overflow holds {}",
+        table.overflow_len()
+    );
     assert_eq!(table.len(), 700);
     table.check_invariants().unwrap();
     let mut out = [0u8; 8];

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use hopps_engine::{Engine, EngineConfig, WalSync};
 use hopps_format::{
-    MissingPolicy, ModelSpec, OptimizerSpec, PublishOptions, Repository, StorageOptions, TableArrays, TableSpec,
-    VersionKind,
+    MissingPolicy, ModelSpec, OptimizerSpec, PublishOptions, Repository, StorageOptions,
+    TableArrays, TableSpec, VersionKind,
 };
 
 pub const MODEL: &str = "m";
@@ -24,9 +24,12 @@ impl Fixture {
     pub async fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("repo")).unwrap();
-        let repo = Repository::open(dir.path().join("repo").to_str().unwrap(), &StorageOptions::default())
-            .await
-            .unwrap();
+        let repo = Repository::open(
+            dir.path().join("repo").to_str().unwrap(),
+            &StorageOptions::default(),
+        )
+        .await
+        .unwrap();
         Fixture { dir, repo }
     }
 
@@ -68,7 +71,9 @@ pub fn spec_with(shards: u32, missing: MissingPolicy, optimizer: Option<&str>) -
 pub type Rows = BTreeMap<u64, Vec<f32>>;
 
 pub fn row_of(key: u64, salt: u64) -> Vec<f32> {
-    (0..DIM).map(|j| (key as f32) * 0.5 + (salt as f32) * 1000.0 + j as f32 * 0.25).collect()
+    (0..DIM)
+        .map(|j| (key as f32) * 0.5 + (salt as f32) * 1000.0 + j as f32 * 0.25)
+        .collect()
 }
 
 pub async fn publish_full(repo: &Repository, spec: &ModelSpec, rows: &Rows) -> u64 {
@@ -86,7 +91,10 @@ pub async fn publish_full(repo: &Repository, spec: &ModelSpec, rows: &Rows) -> u
         source: "test".into(),
         ..PublishOptions::default()
     };
-    repo.publish_arrays(MODEL, VersionKind::Full, &[t], &opts).await.unwrap().version
+    repo.publish_arrays(MODEL, VersionKind::Full, &[t], &opts)
+        .await
+        .unwrap()
+        .version
 }
 
 /// Publishes a delta with `upserts` and `deletes` on top of `parent`; returns its version.
@@ -111,14 +119,19 @@ pub async fn publish_delta(repo: &Repository, parent: u64, upserts: &Rows, delet
         source: "test".into(),
         ..PublishOptions::default()
     };
-    repo.publish_arrays(MODEL, VersionKind::Delta, &[t], &opts).await.unwrap().version
+    repo.publish_arrays(MODEL, VersionKind::Delta, &[t], &opts)
+        .await
+        .unwrap()
+        .version
 }
 
 /// Looks every key of `universe` up and compares with `expect`, bit for bit.
 pub fn assert_rows(engine: &Engine, universe: &[u64], expect: &Rows, version: Option<u64>) -> u64 {
     let mut out = vec![0f32; universe.len() * DIM];
     let mut found = vec![false; universe.len()];
-    let v = engine.lookup(MODEL, TABLE, universe, version, &mut out, &mut found).unwrap();
+    let v = engine
+        .lookup(MODEL, TABLE, universe, version, &mut out, &mut found)
+        .unwrap();
     for (i, k) in universe.iter().enumerate() {
         match expect.get(k) {
             Some(row) => {

@@ -38,7 +38,10 @@ impl Bytes<'_> {
             1 => v << 20,
             2 => (v << 32) | (sel as u64 >> 3),
             3 => u64::MAX - v,
-            4 => recent.get(v as usize % recent.len().max(1)).copied().unwrap_or(v),
+            4 => recent
+                .get(v as usize % recent.len().max(1))
+                .copied()
+                .unwrap_or(v),
             // Keys whose mixes share their top 56 bits: one home in any table, so they crowd
             // one neighbourhood and spill into the overflow area.
             5 => unmix(0x8000_0000_0000_0000 | v),
@@ -124,9 +127,7 @@ pub fn run_with_row(data: &[u8], row: usize) {
             }
             6 => {
                 let Some(len) = bytes.u8() else { break };
-                let keys: Vec<u64> = (0..len % 64)
-                    .map_while(|_| bytes.key(&recent))
-                    .collect();
+                let keys: Vec<u64> = (0..len % 64).map_while(|_| bytes.key(&recent)).collect();
                 // A stride shorter than the row checks partial copies.
                 let stride = if op & 0x80 != 0 { row / 2 } else { row };
                 let mut buf = vec![0xEEu8; keys.len() * stride];
@@ -162,7 +163,10 @@ pub fn run_with_row(data: &[u8], row: usize) {
     table.check_invariants().expect("invariants");
     let mut seen = HashMap::new();
     table.for_each(|k, r| {
-        assert!(seen.insert(k, r.to_vec()).is_none(), "for_each visited {k} twice");
+        assert!(
+            seen.insert(k, r.to_vec()).is_none(),
+            "for_each visited {k} twice"
+        );
     });
     assert_eq!(seen, model, "for_each differs from the model");
     assert!(table.load_factor() <= 1.0);
