@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hopps_format::{ModelSpec, PublishOptions, Repository, StorageOptions, TableArrays, TableSpec, VersionKind};
+use hopps_format::{
+    ModelSpec, PublishOptions, Repository, StorageOptions, TableArrays, TableSpec, VersionKind,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::resp::RespConnection;
@@ -249,9 +251,19 @@ mod tests {
             count: 4,
             generation: 3,
         };
-        assert_eq!(data.expected(1, 0, Some(change)), value_of(data.key(1), 0, 0));
-        assert_eq!(data.expected(9, 1, Some(change)), value_of(data.key(9), 3, 1));
-        assert_eq!(data.expected(11, 1, Some(change)), value_of(data.key(11), 3, 1), "a new row");
+        assert_eq!(
+            data.expected(1, 0, Some(change)),
+            value_of(data.key(1), 0, 0)
+        );
+        assert_eq!(
+            data.expected(9, 1, Some(change)),
+            value_of(data.key(9), 3, 1)
+        );
+        assert_eq!(
+            data.expected(11, 1, Some(change)),
+            value_of(data.key(11), 3, 1),
+            "a new row"
+        );
         assert_eq!(data.raw_bytes_per_key(), 16.0);
     }
 
@@ -290,7 +302,10 @@ mod tests {
             count: 20,
             generation: 1,
         };
-        let (delta, _) = repo.publish_delta(&data, change, None).await.expect("delta");
+        let (delta, _) = repo
+            .publish_delta(&data, change, None)
+            .await
+            .expect("delta");
         assert!(delta > full, "{delta} > {full}");
         let versions = repo.repo.versions("bench").await.expect("versions");
         let latest = versions.latest().expect("a committed version");

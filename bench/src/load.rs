@@ -11,7 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::dataset::{DataSet, HoppsRepo, REDIS_PREFIX, RowChange, TABLE, check_rows, f32s_of, redis_load, redis_write};
+use crate::dataset::{
+    DataSet, HoppsRepo, REDIS_PREFIX, RowChange, TABLE, check_rows, f32s_of, redis_load,
+    redis_write,
+};
 use crate::measure::{Spread, interleave};
 use crate::report::Record;
 use crate::servers::{HoppsServer, RedisServer, Sides, SystemArgs, runtime};
@@ -38,13 +41,26 @@ pub fn run(args: &LoadArgs, options: crate::Options) -> anyhow::Result<()> {
 }
 
 pub async fn suite(sides: &Sides, args: &LoadArgs) -> anyhow::Result<()> {
-    let rows = args.keys.unwrap_or(if sides.quick { 50_000 } else { 2_000_000 });
+    let rows = args
+        .keys
+        .unwrap_or(if sides.quick { 50_000 } else { 2_000_000 });
     let dim = args.dim.unwrap_or(16);
-    anyhow::ensure!(rows >= 10 && dim > 0, "--keys must be at least 10 and --dim at least 1");
-    let data = DataSet { seed: 0x300 + u64::from(dim), rows, dim };
-    let repo_dir = tempfile::Builder::new().prefix("hopps-bench-repo-").tempdir()?;
+    anyhow::ensure!(
+        rows >= 10 && dim > 0,
+        "--keys must be at least 10 and --dim at least 1"
+    );
+    let data = DataSet {
+        seed: 0x300 + u64::from(dim),
+        rows,
+        dim,
+    };
+    let repo_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-repo-")
+        .tempdir()?;
     let repo = HoppsRepo::open(repo_dir.path(), MODEL, sides.shards).await?;
-    sides.report.note(&format!("load: publishing {rows} rows of dim {dim}"));
+    sides
+        .report
+        .note(&format!("load: publishing {rows} rows of dim {dim}"));
     repo.publish_full(&data).await?;
 
     full(sides, &data, &repo).await?;
@@ -58,7 +74,9 @@ async fn full(sides: &Sides, data: &DataSet, repo: &HoppsRepo) -> anyhow::Result
     let (h, r) = interleave(
         sides.rounds,
         async |_| {
-            let node_dir = tempfile::Builder::new().prefix("hopps-bench-node-").tempdir()?;
+            let node_dir = tempfile::Builder::new()
+                .prefix("hopps-bench-node-")
+                .tempdir()?;
             let server = HoppsServer::start(&sides.hopps(&repo_path, node_dir.path())).await?;
             Ok(server.ready_after.as_secs_f64())
         },
@@ -101,7 +119,9 @@ pub fn sliding_change(data: &DataSet, count: u64, k: u32) -> RowChange {
 
 async fn delta(sides: &Sides, data: &DataSet, repo: &HoppsRepo) -> anyhow::Result<()> {
     let count = (data.rows / 10).max(10);
-    let node_dir = tempfile::Builder::new().prefix("hopps-bench-node-").tempdir()?;
+    let node_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-node-")
+        .tempdir()?;
     let server = HoppsServer::start(&sides.hopps(&repo.dir, node_dir.path())).await?;
     let client = server.connect().await?;
     let redis = RedisServer::start(&sides.redis()).await?;
@@ -115,13 +135,26 @@ async fn delta(sides: &Sides, data: &DataSet, repo: &HoppsRepo) -> anyhow::Resul
             let change = sliding_change(data, count, round as u32 + 1);
             let (version, publish) = repo.publish_delta(data, change, None).await?;
             publish_s.push(publish.as_secs_f64());
-            let apply = server.wait_serving(MODEL, version, Duration::from_secs(600)).await?;
+            let apply = server
+                .wait_serving(MODEL, version, Duration::from_secs(600))
+                .await?;
             // The last rows of the delta are new keys: served with the delta's values.
-            let probe: Vec<u64> = (change.first + change.count - 10..change.first + change.count).collect();
+            let probe: Vec<u64> =
+                (change.first + change.count - 10..change.first + change.count).collect();
             let keys: Vec<u64> = probe.iter().map(|&i| data.key(i)).collect();
             let got = client.lookup(MODEL, TABLE, &keys).await?;
-            anyhow::ensure!(got.version >= version, "lookup served version {} < {version}", got.version);
-            check_rows(data, &probe, &got.values, Some(change), "hopps after a delta")?;
+            anyhow::ensure!(
+                got.version >= version,
+                "lookup served version {} < {version}",
+                got.version
+            );
+            check_rows(
+                data,
+                &probe,
+                &got.values,
+                Some(change),
+                "hopps after a delta",
+            )?;
             Ok(apply.as_secs_f64())
         },
         async |round| {
@@ -129,11 +162,13 @@ async fn delta(sides: &Sides, data: &DataSet, repo: &HoppsRepo) -> anyhow::Resul
             let started = Instant::now();
             redis_write(&mut conn, data, change).await?;
             let elapsed = started.elapsed().as_secs_f64();
-            let probe: Vec<u64> = (change.first + change.count - 10..change.first + change.count).collect();
+            let probe: Vec<u64> =
+                (change.first + change.count - 10..change.first + change.count).collect();
             let keys: Vec<u64> = probe.iter().map(|&i| data.key(i)).collect();
             let mut bytes = vec![0u8; keys.len() * data.dim as usize * 4];
             let mut found = vec![false; keys.len()];
-            conn.mget_into(REDIS_PREFIX, &keys, &mut bytes, &mut found).await?;
+            conn.mget_into(REDIS_PREFIX, &keys, &mut bytes, &mut found)
+                .await?;
             let mut values = Vec::new();
             f32s_of(&bytes, &mut values);
             check_rows(data, &probe, &values, Some(change), "redis after a delta")?;
@@ -175,7 +210,10 @@ mod tests {
         assert_eq!((c1.first, c1.count), (910, 100));
         assert_eq!(c1.first + c1.count - data.rows, 10, "10 new rows");
         let c2 = sliding_change(&data, 100, 2);
-        assert_eq!(c2.first, 920, "the second delta starts where the rows now end, minus 90");
+        assert_eq!(
+            c2.first, 920,
+            "the second delta starts where the rows now end, minus 90"
+        );
         assert_eq!(c2.generation, 2);
     }
 }

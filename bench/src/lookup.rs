@@ -123,13 +123,19 @@ pub async fn suite(sides: &Sides, args: &LookupArgs) -> anyhow::Result<()> {
     let quick = sides.quick;
     let rows = args.keys.unwrap_or(if quick { 20_000 } else { 1_000_000 });
     let dims = args.dims.clone().unwrap_or_else(|| vec![16, 64, 128]);
-    let batches = args.batches.clone().unwrap_or_else(|| vec![100, 1000, 10_000]);
+    let batches = args
+        .batches
+        .clone()
+        .unwrap_or_else(|| vec![100, 1000, 10_000]);
     let connections = args.connections.clone().unwrap_or_else(|| vec![1, 2]);
     let dists: Vec<Dist> = match &args.dists {
         None => vec![Dist::Uniform, Dist::Zipf],
         Some(names) => names
             .iter()
-            .map(|n| Dist::parse(n).with_context(|| format!("unknown distribution {n:?}; use uniform or zipf")))
+            .map(|n| {
+                Dist::parse(n)
+                    .with_context(|| format!("unknown distribution {n:?}; use uniform or zipf"))
+            })
             .collect::<anyhow::Result<_>>()?,
     };
     let seconds = args.seconds.unwrap_or(if quick { 0.05 } else { 1.0 });
@@ -139,12 +145,18 @@ pub async fn suite(sides: &Sides, args: &LookupArgs) -> anyhow::Result<()> {
         "--seconds must be a positive number"
     );
     anyhow::ensure!(
-        dims.iter().all(|&d| d > 0) && batches.iter().all(|&b| b > 0) && connections.iter().all(|&c| c > 0),
+        dims.iter().all(|&d| d > 0)
+            && batches.iter().all(|&b| b > 0)
+            && connections.iter().all(|&c| c > 0),
         "dims, batches and connections must be at least 1"
     );
     let duration = Duration::from_secs_f64(seconds);
 
-    let probe = if quick { Duration::from_millis(50) } else { Duration::from_millis(300) };
+    let probe = if quick {
+        Duration::from_millis(50)
+    } else {
+        Duration::from_millis(300)
+    };
     let loopback = loopback_bandwidth(probe, 5).await?;
     sides.report.note(&format!(
         "loopback TCP, one stream: {:.2} GB/s (median of 5)",
@@ -152,12 +164,20 @@ pub async fn suite(sides: &Sides, args: &LookupArgs) -> anyhow::Result<()> {
     ));
 
     for &dim in &dims {
-        let data = DataSet { seed: 0x100 + u64::from(dim), rows, dim };
-        let repo_dir = tempfile::Builder::new().prefix("hopps-bench-repo-").tempdir()?;
-        let node_dir = tempfile::Builder::new().prefix("hopps-bench-node-").tempdir()?;
-        sides
-            .report
-            .note(&format!("lookup: dim {dim}: publishing {rows} rows and loading both systems"));
+        let data = DataSet {
+            seed: 0x100 + u64::from(dim),
+            rows,
+            dim,
+        };
+        let repo_dir = tempfile::Builder::new()
+            .prefix("hopps-bench-repo-")
+            .tempdir()?;
+        let node_dir = tempfile::Builder::new()
+            .prefix("hopps-bench-node-")
+            .tempdir()?;
+        sides.report.note(&format!(
+            "lookup: dim {dim}: publishing {rows} rows and loading both systems"
+        ));
         let repo = HoppsRepo::open(repo_dir.path(), MODEL, sides.shards).await?;
         repo.publish_full(&data).await?;
         let hopps = HoppsServer::start(&sides.hopps(repo_dir.path(), node_dir.path())).await?;
@@ -175,7 +195,8 @@ pub async fn suite(sides: &Sides, args: &LookupArgs) -> anyhow::Result<()> {
                         connections: conns,
                         dist,
                     };
-                    let record = measure(sides, &hopps, &redis, &data, config, duration, loopback).await?;
+                    let record =
+                        measure(sides, &hopps, &redis, &data, config, duration, loopback).await?;
                     sides.report.emit(&record);
                 }
             }
@@ -196,7 +217,8 @@ async fn measure(
     // Enough distinct batches that a round does not replay a handful of them, capped at a
     // million keys of client memory.
     let count = (1_000_000 / config.batch).clamp(16, 1000);
-    let rng_seed = u64::from(config.dim) << 32 | (config.batch as u64) << 8 | config.connections as u64;
+    let rng_seed =
+        u64::from(config.dim) << 32 | (config.batch as u64) << 8 | config.connections as u64;
     let batches = Arc::new(Batches::draw(
         data.seed,
         data.rows,
@@ -252,10 +274,16 @@ async fn measure(
     let redis_bytes = row + 5.0 + (row as u64).to_string().len() as f64;
     rec.num("loopback_bytes_per_s", loopback.median);
     if let Some(k) = hf.keys_per_s {
-        rec.num("hopps_loopback_fraction", k.median * hopps_bytes / loopback.median);
+        rec.num(
+            "hopps_loopback_fraction",
+            k.median * hopps_bytes / loopback.median,
+        );
     }
     if let Some(k) = rf.keys_per_s {
-        rec.num("redis_loopback_fraction", k.median * redis_bytes / loopback.median);
+        rec.num(
+            "redis_loopback_fraction",
+            k.median * redis_bytes / loopback.median,
+        );
     }
     Ok(rec)
 }
@@ -270,19 +298,35 @@ async fn verify_first_batch(
     let keys = batches.get(0);
     // Map keys back to row indexes through a lookup table of the data set (small batches only
     // are checked this way: the first batch).
-    let index: std::collections::HashMap<u64, u64> = (0..data.rows).map(|i| (data.key(i), i)).collect();
+    let index: std::collections::HashMap<u64, u64> =
+        (0..data.rows).map(|i| (data.key(i), i)).collect();
     let rows: Vec<u64> = keys
         .iter()
-        .map(|k| index.get(k).copied().context("batch key not in the data set"))
+        .map(|k| {
+            index
+                .get(k)
+                .copied()
+                .context("batch key not in the data set")
+        })
         .collect::<anyhow::Result<_>>()?;
-    let got = hopps.lookup(MODEL, TABLE, keys).await.context("hopps lookup")?;
-    anyhow::ensure!(got.found.iter().all(|&f| f), "hopps did not find every key of the data set");
+    let got = hopps
+        .lookup(MODEL, TABLE, keys)
+        .await
+        .context("hopps lookup")?;
+    anyhow::ensure!(
+        got.found.iter().all(|&f| f),
+        "hopps did not find every key of the data set"
+    );
     check_rows(data, &rows, &got.values, None, "hopps lookup")?;
     let mut conn = redis.connect().await?;
     let mut bytes = vec![0u8; keys.len() * data.dim as usize * 4];
     let mut found = vec![false; keys.len()];
-    conn.mget_into(REDIS_PREFIX, keys, &mut bytes, &mut found).await?;
-    anyhow::ensure!(found.iter().all(|&f| f), "redis did not find every key of the data set");
+    conn.mget_into(REDIS_PREFIX, keys, &mut bytes, &mut found)
+        .await?;
+    anyhow::ensure!(
+        found.iter().all(|&f| f),
+        "redis did not find every key of the data set"
+    );
     let mut values = Vec::new();
     f32s_of(&bytes, &mut values);
     check_rows(data, &rows, &values, None, "redis MGET")
@@ -345,7 +389,9 @@ async fn redis_round(
     let n = conns.len();
     let mut tasks = Vec::with_capacity(n);
     for (c, slot) in conns.iter_mut().enumerate() {
-        let mut conn = slot.take().context("redis connection lost by an earlier round")?;
+        let mut conn = slot
+            .take()
+            .context("redis connection lost by an earlier round")?;
         let batches = Arc::clone(batches);
         let offset = c * batches.count() / n;
         tasks.push(tokio::spawn(async move {
@@ -360,7 +406,9 @@ async fn redis_round(
                 let batch = batches.get(b);
                 b += 1;
                 let t = Instant::now();
-                let hits = conn.mget_into(REDIS_PREFIX, batch, &mut out, &mut found).await?;
+                let hits = conn
+                    .mget_into(REDIS_PREFIX, batch, &mut out, &mut found)
+                    .await?;
                 // Decode to f32 as the hopps client does, so both sides end with floats.
                 f32s_of(&out, &mut values);
                 latencies.record(t.elapsed());
@@ -436,7 +484,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn loopback_moves_bytes() {
-        let s = loopback_bandwidth(Duration::from_millis(30), 3).await.expect("probe");
+        let s = loopback_bandwidth(Duration::from_millis(30), 3)
+            .await
+            .expect("probe");
         // Even a slow virtual machine moves more than 10 MB/s over loopback.
         assert!(s.median > 1e7, "{s:?}");
         assert!(s.min <= s.median && s.median <= s.max);

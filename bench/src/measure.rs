@@ -57,15 +57,13 @@ impl Latencies {
     }
 
     pub fn record(&mut self, elapsed: std::time::Duration) {
-        self.nanos.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+        self.nanos
+            .push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.nanos.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nanos.is_empty()
     }
 
     /// Adds the requests of another connection of the same round.
@@ -90,7 +88,11 @@ impl Latencies {
 ///
 /// Alternating inside one run is what makes the two sides comparable on a machine whose speed
 /// drifts: both see the same drift.
-pub async fn interleave<T, FA, FB>(rounds: usize, mut a: FA, mut b: FB) -> anyhow::Result<(Vec<T>, Vec<T>)>
+pub async fn interleave<T, FA, FB>(
+    rounds: usize,
+    mut a: FA,
+    mut b: FB,
+) -> anyhow::Result<(Vec<T>, Vec<T>)>
 where
     FA: AsyncFnMut(usize) -> anyhow::Result<T>,
     FB: AsyncFnMut(usize) -> anyhow::Result<T>,

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use crate::dataset::{DataSet, HoppsRepo, redis_load};
 use crate::measure::ratio;
 use crate::report::Record;
-use crate::servers::{HoppsServer, RedisServer, Sides, rss_bytes, SystemArgs, runtime};
+use crate::servers::{HoppsServer, RedisServer, Sides, SystemArgs, rss_bytes, runtime};
 
 const MODEL: &str = "memory";
 /// Rows of the baseline node.
@@ -40,15 +40,20 @@ pub fn run(args: &MemoryArgs, options: crate::Options) -> anyhow::Result<()> {
 }
 
 pub async fn suite(sides: &Sides, args: &MemoryArgs) -> anyhow::Result<()> {
-    let rows = args.keys.unwrap_or(if sides.quick { 100_000 } else { 2_000_000 });
+    let rows = args
+        .keys
+        .unwrap_or(if sides.quick { 100_000 } else { 2_000_000 });
     anyhow::ensure!(
         rows > BASELINE_ROWS,
         "--keys must be more than {BASELINE_ROWS} (the baseline node's rows)"
     );
-    let dims = args
-        .dims
-        .clone()
-        .unwrap_or_else(|| if sides.quick { vec![16] } else { vec![16, 64, 128] });
+    let dims = args.dims.clone().unwrap_or_else(|| {
+        if sides.quick {
+            vec![16]
+        } else {
+            vec![16, 64, 128]
+        }
+    });
     for dim in dims {
         anyhow::ensure!(dim > 0, "dims must be at least 1");
         let record = measure(sides, rows, dim).await?;
@@ -62,8 +67,12 @@ async fn node_with(
     sides: &Sides,
     data: &DataSet,
 ) -> anyhow::Result<(HoppsServer, tempfile::TempDir, tempfile::TempDir)> {
-    let repo_dir = tempfile::Builder::new().prefix("hopps-bench-repo-").tempdir()?;
-    let node_dir = tempfile::Builder::new().prefix("hopps-bench-node-").tempdir()?;
+    let repo_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-repo-")
+        .tempdir()?;
+    let node_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-node-")
+        .tempdir()?;
     let repo = HoppsRepo::open(repo_dir.path(), MODEL, sides.shards).await?;
     repo.publish_full(data).await?;
     let server = HoppsServer::start(&sides.hopps(repo_dir.path(), node_dir.path())).await?;
@@ -71,10 +80,19 @@ async fn node_with(
 }
 
 async fn measure(sides: &Sides, rows: u64, dim: u32) -> anyhow::Result<Record> {
-    let data = DataSet { seed: 0x200 + u64::from(dim), rows, dim };
-    sides.report.note(&format!("memory: dim {dim}: {rows} rows into hopps and Redis"));
+    let data = DataSet {
+        seed: 0x200 + u64::from(dim),
+        rows,
+        dim,
+    };
+    sides.report.note(&format!(
+        "memory: dim {dim}: {rows} rows into hopps and Redis"
+    ));
 
-    let small = DataSet { rows: BASELINE_ROWS, ..data };
+    let small = DataSet {
+        rows: BASELINE_ROWS,
+        ..data
+    };
     let baseline_rss = {
         let (server, _repo, _node) = node_with(sides, &small).await?;
         rss_bytes(server.pid())?
@@ -82,7 +100,12 @@ async fn measure(sides: &Sides, rows: u64, dim: u32) -> anyhow::Result<Record> {
     let (hopps_bytes, hopps_rss, load_factor) = {
         let (server, _repo, _node) = node_with(sides, &data).await?;
         let rss = rss_bytes(server.pid())?;
-        let status = server.connect().await?.status().await.context("status of hopps")?;
+        let status = server
+            .connect()
+            .await?
+            .status()
+            .await
+            .context("status of hopps")?;
         let model = status
             .models
             .iter()
@@ -103,7 +126,10 @@ async fn measure(sides: &Sides, rows: u64, dim: u32) -> anyhow::Result<Record> {
         let rss0 = rss_bytes(redis.pid())?;
         redis_load(&mut conn, &data).await?;
         let keys = conn.dbsize().await?;
-        anyhow::ensure!(keys == rows, "redis holds {keys} keys, the suite wrote {rows}");
+        anyhow::ensure!(
+            keys == rows,
+            "redis holds {keys} keys, the suite wrote {rows}"
+        );
         let used1 = conn.info_u64("memory", "used_memory").await?;
         let rss1 = rss_bytes(redis.pid())?;
         (used1.saturating_sub(used0), rss1.saturating_sub(rss0))
@@ -111,7 +137,8 @@ async fn measure(sides: &Sides, rows: u64, dim: u32) -> anyhow::Result<Record> {
 
     let n = rows as f64;
     let hopps_per_key = hopps_bytes as f64 / n;
-    let hopps_rss_per_key = hopps_rss.saturating_sub(baseline_rss) as f64 / (rows - BASELINE_ROWS) as f64;
+    let hopps_rss_per_key =
+        hopps_rss.saturating_sub(baseline_rss) as f64 / (rows - BASELINE_ROWS) as f64;
     let redis_per_key = redis_used as f64 / n;
     let redis_rss_per_key = redis_rss as f64 / n;
     let mut rec = Record::new("memory");

@@ -103,6 +103,7 @@ impl Record {
         }
     }
 
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -117,11 +118,7 @@ mod tests {
         let mut r = Record::new("lookup");
         r.set("dim", 16).num("x", 1234.5678);
         r.spread("keys_per_s", Spread::of(&[1.0, 2.0, 3.0]));
-        r.ratio(
-            "ratio",
-            Spread::of(&[10.0]),
-            Spread::of(&[4.0]),
-        );
+        r.ratio("ratio", Spread::of(&[10.0]), Spread::of(&[4.0]));
         r.ratio("none", Spread::of(&[1.0]), Spread::of(&[0.0]));
         assert_eq!(r.fields[0].0, "suite");
         let parsed: serde_json::Value = serde_json::from_str(&r.to_json()).expect("valid JSON");

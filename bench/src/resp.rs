@@ -21,10 +21,16 @@ pub enum RespError {
     Io(#[from] std::io::Error),
     /// Redis answered with an error reply.
     #[error("redis answered {command}: {message}")]
-    Server { command: &'static str, message: String },
+    Server {
+        command: &'static str,
+        message: String,
+    },
     /// The reply does not have the shape the command returns.
     #[error("unexpected redis reply to {command}: {reason}")]
-    Protocol { command: &'static str, reason: String },
+    Protocol {
+        command: &'static str,
+        reason: String,
+    },
 }
 
 /// One reply, for the commands whose replies are small (`INFO`, `PING`, `DEL`, ...).
@@ -93,7 +99,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespConnection<S> {
     }
 
     /// Sends a command of arbitrary arguments and reads its reply.
-    pub async fn command(&mut self, name: &'static str, args: &[&[u8]]) -> Result<Reply, RespError> {
+    pub async fn command(
+        &mut self,
+        name: &'static str,
+        args: &[&[u8]],
+    ) -> Result<Reply, RespError> {
         self.out.clear();
         put_array_header(&mut self.out, args.len() + 1);
         put_bulk(&mut self.out, name.as_bytes());
@@ -217,30 +227,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespConnection<S> {
         Ok(())
     }
 
-    /// `DEL` of `keys`; returns how many existed.
-    pub async fn del(&mut self, prefix: &str, keys: &[u64]) -> Result<u64, RespError> {
-        let mut removed = 0u64;
-        for chunk in keys.chunks(10_000) {
-            self.out.clear();
-            put_array_header(&mut self.out, 1 + chunk.len());
-            put_bulk(&mut self.out, b"DEL");
-            for key in chunk {
-                put_key(&mut self.out, prefix, *key);
-            }
-            self.flush().await?;
-            match self.read_reply("DEL").await? {
-                Reply::Integer(n) if n >= 0 => removed += n as u64,
-                other => {
-                    return Err(RespError::Protocol {
-                        command: "DEL",
-                        reason: format!("{other:?}"),
-                    });
-                }
-            }
-        }
-        Ok(removed)
-    }
-
     /// `MGET` of `keys`; row `i` is written to `out[i * row_bytes..]` and `found[i]` set, where
     /// `row_bytes = out.len() / keys.len()`. Rows of missing keys are zeroed. A stored value of
     /// another length than `row_bytes` is a protocol error (the data set is not the one loaded).
@@ -279,7 +265,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespConnection<S> {
         let header = self.read_line(CMD).await?;
         let count = match header {
             Line::Array(n) => n,
-            Line::Error(message) => return Err(RespError::Server { command: CMD, message }),
+            Line::Error(message) => {
+                return Err(RespError::Server {
+                    command: CMD,
+                    message,
+                });
+            }
             other => {
                 return Err(RespError::Protocol {
                     command: CMD,
@@ -294,7 +285,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespConnection<S> {
             });
         }
         let mut hits = 0usize;
-        for (i, (row, flag)) in out.chunks_exact_mut(row_bytes).zip(found.iter_mut()).enumerate() {
+        for (i, (row, flag)) in out
+            .chunks_exact_mut(row_bytes)
+            .zip(found.iter_mut())
+            .enumerate()
+        {
             match self.read_line(CMD).await? {
                 Line::Bulk(len) if len < 0 => {
                     row.fill(0);
@@ -376,7 +371,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespConnection<S> {
     }
 
     /// Copies the next `dst.len()` payload bytes and the trailing `\r\n`.
-    async fn read_payload_into(&mut self, dst: &mut [u8], command: &'static str) -> Result<(), RespError> {
+    async fn read_payload_into(
+        &mut self,
+        dst: &mut [u8],
+        command: &'static str,
+    ) -> Result<(), RespError> {
         let mut copied = 0;
         while copied < dst.len() {
             if self.pos == self.end {
@@ -533,14 +532,21 @@ mod tests {
         let (hits, out, found) = scripted(request, reply, async |c| {
             let mut out = [0xAAu8; 16];
             let mut found = [true, false];
-            let hits = c.mget_into("t", &[12, 7], &mut out, &mut found).await.expect("mget");
+            let hits = c
+                .mget_into("t", &[12, 7], &mut out, &mut found)
+                .await
+                .expect("mget");
             (hits, out, found)
         })
         .await;
         assert_eq!(hits, 1);
         assert_eq!(found, [false, true]);
         assert_eq!(&out[..8], &[0u8; 8], "a miss is zeroed");
-        assert_eq!(&out[8..], b"\x01\x02\x03\x04\r\n\x05\x06", "payload may contain CRLF");
+        assert_eq!(
+            &out[8..],
+            b"\x01\x02\x03\x04\r\n\x05\x06",
+            "payload may contain CRLF"
+        );
     }
 
     #[tokio::test]
@@ -550,7 +556,9 @@ mod tests {
         let err = scripted(request, reply, async |c| {
             let mut out = [0u8; 4];
             let mut found = [false];
-            c.mget_into("t", &[1], &mut out, &mut found).await.expect_err("short row")
+            c.mget_into("t", &[1], &mut out, &mut found)
+                .await
+                .expect_err("short row")
         })
         .await;
         assert!(err.to_string().contains("t:1"), "{err}");
@@ -563,7 +571,9 @@ mod tests {
         let err = scripted(request, reply, async |c| {
             let mut out = [0u8; 4];
             let mut found = [false];
-            c.mget_into("t", &[1], &mut out, &mut found).await.expect_err("error reply")
+            c.mget_into("t", &[1], &mut out, &mut found)
+                .await
+                .expect_err("error reply")
         })
         .await;
         assert!(matches!(err, RespError::Server { .. }), "{err}");
@@ -573,7 +583,9 @@ mod tests {
     #[tokio::test]
     async fn mset_pipelines_chunks() {
         let mut request = Vec::new();
-        request.extend_from_slice(b"*5\r\n$4\r\nMSET\r\n$3\r\nt:1\r\n$2\r\nab\r\n$3\r\nt:2\r\n$2\r\ncd\r\n");
+        request.extend_from_slice(
+            b"*5\r\n$4\r\nMSET\r\n$3\r\nt:1\r\n$2\r\nab\r\n$3\r\nt:2\r\n$2\r\ncd\r\n",
+        );
         request.extend_from_slice(b"*3\r\n$4\r\nMSET\r\n$3\r\nt:3\r\n$2\r\nef\r\n");
         let reply = b"+OK\r\n+OK\r\n".to_vec();
         scripted(request, reply, async |c| {
@@ -594,7 +606,10 @@ mod tests {
             reply,
             Reply::Array(vec![
                 Reply::Integer(5),
-                Reply::Array(vec![Reply::Simple("a".into()), Reply::Bulk(Some(b"b".to_vec()))]),
+                Reply::Array(vec![
+                    Reply::Simple("a".into()),
+                    Reply::Bulk(Some(b"b".to_vec()))
+                ]),
             ])
         );
     }

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::dataset::{DataSet, HoppsRepo, REDIS_PREFIX, RowChange, TABLE, check_rows, f32s_of, redis_load, redis_write};
+use crate::dataset::{
+    DataSet, HoppsRepo, REDIS_PREFIX, RowChange, TABLE, check_rows, f32s_of, redis_load,
+    redis_write,
+};
 use crate::measure::{Spread, interleave};
 use crate::report::Record;
 use crate::servers::{HoppsServer, RedisServer, Sides, SystemArgs, runtime};
@@ -41,7 +44,9 @@ pub fn run(args: &RollbackArgs, options: crate::Options) -> anyhow::Result<()> {
 }
 
 pub async fn suite(sides: &Sides, args: &RollbackArgs) -> anyhow::Result<()> {
-    let rows = args.keys.unwrap_or(if sides.quick { 20_000 } else { 1_000_000 });
+    let rows = args
+        .keys
+        .unwrap_or(if sides.quick { 20_000 } else { 1_000_000 });
     let dim = args.dim.unwrap_or(16);
     anyhow::ensure!(dim > 0, "--dim must be at least 1");
     let deltas = sides.rounds as u64;
@@ -55,7 +60,11 @@ pub async fn suite(sides: &Sides, args: &RollbackArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| vec!["default".to_string(), "0".to_string()]);
     for budget in budgets {
-        let data = DataSet { seed: 0x400 + u64::from(dim), rows, dim };
+        let data = DataSet {
+            seed: 0x400 + u64::from(dim),
+            rows,
+            dim,
+        };
         let record = pass(sides, &data, &budget).await?;
         sides.report.emit(&record);
     }
@@ -78,8 +87,12 @@ async fn pass(sides: &Sides, data: &DataSet, budget: &str) -> anyhow::Result<Rec
         "rollback: undo budget {budget}: a full version of {} rows and {k} deltas of {count} rows",
         data.rows
     ));
-    let repo_dir = tempfile::Builder::new().prefix("hopps-bench-repo-").tempdir()?;
-    let node_dir = tempfile::Builder::new().prefix("hopps-bench-node-").tempdir()?;
+    let repo_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-repo-")
+        .tempdir()?;
+    let node_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-node-")
+        .tempdir()?;
     let repo = HoppsRepo::open(repo_dir.path(), MODEL, sides.shards).await?;
     let mut versions = vec![repo.publish_full(data).await?];
     let mut options = sides.hopps(repo_dir.path(), node_dir.path());
@@ -96,7 +109,9 @@ async fn pass(sides: &Sides, data: &DataSet, budget: &str) -> anyhow::Result<Rec
     for j in 1..=k {
         let change = window(count, j);
         let (version, _) = repo.publish_delta(data, change, None).await?;
-        server.wait_serving(MODEL, version, Duration::from_secs(600)).await?;
+        server
+            .wait_serving(MODEL, version, Duration::from_secs(600))
+            .await?;
         redis_write(&mut conn, data, change).await?;
         versions.push(version);
     }
@@ -105,7 +120,9 @@ async fn pass(sides: &Sides, data: &DataSet, budget: &str) -> anyhow::Result<Rec
     let probe = |j: u64| -> Vec<u64> {
         let w = window(count, j);
         let n = w.count.min(8);
-        (w.first..w.first + n).chain(w.first + w.count - n..w.first + w.count).collect()
+        (w.first..w.first + n)
+            .chain(w.first + w.count - n..w.first + w.count)
+            .collect()
     };
     let mut methods = Vec::new();
     let mut server_s = Vec::new();
@@ -125,7 +142,11 @@ async fn pass(sides: &Sides, data: &DataSet, budget: &str) -> anyhow::Result<Rec
             let rows = probe(j);
             let keys: Vec<u64> = rows.iter().map(|&i| data.key(i)).collect();
             let got = client.lookup(MODEL, TABLE, &keys).await?;
-            anyhow::ensure!(got.version == to, "after rolling back to {to} the node serves {}", got.version);
+            anyhow::ensure!(
+                got.version == to,
+                "after rolling back to {to} the node serves {}",
+                got.version
+            );
             check_rows(data, &rows, &got.values, None, "hopps after a rollback")?;
             Ok(elapsed)
         },
@@ -139,7 +160,8 @@ async fn pass(sides: &Sides, data: &DataSet, budget: &str) -> anyhow::Result<Rec
             let keys: Vec<u64> = rows.iter().map(|&i| data.key(i)).collect();
             let mut bytes = vec![0u8; keys.len() * data.dim as usize * 4];
             let mut found = vec![false; keys.len()];
-            conn.mget_into(REDIS_PREFIX, &keys, &mut bytes, &mut found).await?;
+            conn.mget_into(REDIS_PREFIX, &keys, &mut bytes, &mut found)
+                .await?;
             let mut values = Vec::new();
             f32s_of(&bytes, &mut values);
             check_rows(data, &rows, &values, None, "redis after restoring old rows")?;

@@ -369,12 +369,13 @@ fn run_dim<const D: usize>(args: &TableArgs, options: Options) -> Result<()> {
     let mut table = None;
     let mut map = None;
     for r in 0..load_runs {
-        table = None;
+        // The previous round's table goes before the next is built: one of each at a time.
+        drop(table.take());
         let (t, rate) = load_hopps::<D>(&keys);
         note(format!("load round {r}: hopps {:.2} M rows/s", rate / 1e6));
         hopps_rates.push(rate);
         table = Some(t);
-        map = None;
+        drop(map.take());
         let (m, rate) = load_hashbrown::<D>(&keys);
         note(format!(
             "load round {r}: hashbrown {:.2} M rows/s",

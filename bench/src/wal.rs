@@ -69,7 +69,9 @@ struct Writes {
 impl Writes {
     fn draw(data: &DataSet, batch: usize, seed: u64) -> Writes {
         let mut rng = StdRng::seed_from_u64(seed);
-        let rows: Vec<u64> = (0..BATCHES * batch).map(|_| rng.random_range(0..data.rows)).collect();
+        let rows: Vec<u64> = (0..BATCHES * batch)
+            .map(|_| rng.random_range(0..data.rows))
+            .collect();
         let keys: Vec<u64> = rows.iter().map(|&i| data.key(i)).collect();
         let values = rows_of(&keys, data.dim, GENERATION);
         let mut bytes = Vec::new();
@@ -110,21 +112,39 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
     let dim = args.dim.unwrap_or(16);
     let batches = args.batches.clone().unwrap_or_else(|| vec![100, 1000]);
     let connections = args.connections.clone().unwrap_or_else(|| vec![1, 2]);
-    let wal_sync = args.wal_sync.clone().unwrap_or_else(|| "always".to_string());
+    let wal_sync = args
+        .wal_sync
+        .clone()
+        .unwrap_or_else(|| "always".to_string());
     let seconds = args.seconds.unwrap_or(if quick { 0.05 } else { 1.0 });
     anyhow::ensure!(rows > 0 && dim > 0, "--keys and --dim must be at least 1");
     anyhow::ensure!(
         batches.iter().all(|&b| b > 0) && connections.iter().all(|&c| c > 0),
         "batches and connections must be at least 1"
     );
-    anyhow::ensure!(seconds > 0.0 && seconds.is_finite(), "--seconds must be a positive number");
+    anyhow::ensure!(
+        seconds > 0.0 && seconds.is_finite(),
+        "--seconds must be a positive number"
+    );
     let duration = Duration::from_secs_f64(seconds);
-    let data = DataSet { seed: 0x500 + u64::from(dim), rows, dim };
+    let data = DataSet {
+        seed: 0x500 + u64::from(dim),
+        rows,
+        dim,
+    };
 
-    let repo_dir = tempfile::Builder::new().prefix("hopps-bench-repo-").tempdir()?;
-    let node_dir = tempfile::Builder::new().prefix("hopps-bench-node-").tempdir()?;
-    let redis_dir = tempfile::Builder::new().prefix("hopps-bench-redis-").tempdir()?;
-    sides.report.note(&format!("wal: {rows} rows of dim {dim}; hopps --wal-sync {wal_sync}, redis appendfsync always"));
+    let repo_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-repo-")
+        .tempdir()?;
+    let node_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-node-")
+        .tempdir()?;
+    let redis_dir = tempfile::Builder::new()
+        .prefix("hopps-bench-redis-")
+        .tempdir()?;
+    sides.report.note(&format!(
+        "wal: {rows} rows of dim {dim}; hopps --wal-sync {wal_sync}, redis appendfsync always"
+    ));
     let repo = HoppsRepo::open(repo_dir.path(), MODEL, sides.shards).await?;
     repo.publish_full(&data).await?;
     let mut hopps_options = sides.hopps(repo_dir.path(), node_dir.path());
@@ -144,7 +164,11 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
     let mut last_written: Option<(Arc<Writes>, usize)> = None;
     for &batch in &batches {
         for &conns in &connections {
-            let writes = Arc::new(Writes::draw(&data, batch, (batch as u64) << 8 | conns as u64));
+            let writes = Arc::new(Writes::draw(
+                &data,
+                batch,
+                (batch as u64) << 8 | conns as u64,
+            ));
             let mut clients = Vec::with_capacity(conns);
             let mut redis_conns = Vec::with_capacity(conns);
             for _ in 0..conns {
@@ -203,7 +227,8 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
     let mut conn = redis.connect().await?;
     let mut bytes = vec![0u8; keys.len() * writes.dim * 4];
     let mut found = vec![false; keys.len()];
-    conn.mget_into(REDIS_PREFIX, keys, &mut bytes, &mut found).await?;
+    conn.mget_into(REDIS_PREFIX, keys, &mut bytes, &mut found)
+        .await?;
     let mut values = Vec::new();
     f32s_of(&bytes, &mut values);
     check_written(&data, rows_written, &values, "redis after a crash")?;
@@ -224,7 +249,12 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
 /// The rows read back are the upserted generation (duplicates in a batch carry equal values).
 fn check_written(data: &DataSet, rows: &[u64], values: &[f32], what: &str) -> anyhow::Result<()> {
     let dim = data.dim as usize;
-    anyhow::ensure!(values.len() == rows.len() * dim, "{what}: {} values for {} rows", values.len(), rows.len());
+    anyhow::ensure!(
+        values.len() == rows.len() * dim,
+        "{what}: {} values for {} rows",
+        values.len(),
+        rows.len()
+    );
     for (r, &i) in rows.iter().enumerate() {
         let key = data.key(i);
         let want = rows_of(&[key], data.dim, GENERATION);
@@ -243,8 +273,14 @@ fn figures(rounds: &mut [Round]) -> Figures {
         .iter()
         .map(|r| r.keys as f64 / r.elapsed.as_secs_f64().max(1e-9))
         .collect();
-    let p50: Vec<f64> = rounds.iter_mut().filter_map(|r| r.latencies.quantile_us(0.5)).collect();
-    let p99: Vec<f64> = rounds.iter_mut().filter_map(|r| r.latencies.quantile_us(0.99)).collect();
+    let p50: Vec<f64> = rounds
+        .iter_mut()
+        .filter_map(|r| r.latencies.quantile_us(0.5))
+        .collect();
+    let p99: Vec<f64> = rounds
+        .iter_mut()
+        .filter_map(|r| r.latencies.quantile_us(0.99))
+        .collect();
     (Spread::of(&kps), Spread::of(&p50), Spread::of(&p99))
 }
 
@@ -265,7 +301,11 @@ fn merge(parts: Vec<Round>) -> Round {
     out
 }
 
-async fn hopps_round(clients: &[hopps_client::Client], writes: &Arc<Writes>, duration: Duration) -> anyhow::Result<Round> {
+async fn hopps_round(
+    clients: &[hopps_client::Client],
+    writes: &Arc<Writes>,
+    duration: Duration,
+) -> anyhow::Result<Round> {
     let mut tasks = Vec::with_capacity(clients.len());
     for (c, client) in clients.iter().enumerate() {
         let client = client.clone();
@@ -319,7 +359,9 @@ async fn redis_round(
     let n = conns.len();
     let mut tasks = Vec::with_capacity(n);
     for (c, slot) in conns.iter_mut().enumerate() {
-        let mut conn = slot.take().context("redis connection lost by an earlier round")?;
+        let mut conn = slot
+            .take()
+            .context("redis connection lost by an earlier round")?;
         let writes = Arc::clone(writes);
         let offset = c * BATCHES / n;
         tasks.push(tokio::spawn(async move {
@@ -333,15 +375,20 @@ async fn redis_round(
                 let range = writes.range(b);
                 let bytes = &writes.bytes[range.start * row_bytes..range.end * row_bytes];
                 let t = Instant::now();
-                conn.mset(REDIS_PREFIX, &writes.keys[range.clone()], bytes, writes.batch)
-                    .await
-                    .context("redis MSET")?;
+                conn.mset(
+                    REDIS_PREFIX,
+                    &writes.keys[range.clone()],
+                    bytes,
+                    writes.batch,
+                )
+                .await
+                .context("redis MSET")?;
                 latencies.record(t.elapsed());
                 last = Some(b % BATCHES);
                 keys += writes.batch as u64;
                 b += 1;
             }
-            Ok((
+            Ok::<_, anyhow::Error>((
                 conn,
                 Round {
                     keys,
@@ -376,8 +423,17 @@ mod tests {
         assert_eq!(w.keys.len(), BATCHES * 10);
         assert_eq!(w.range(BATCHES + 1), 10..20, "batch indexes wrap");
         let r = w.range(2);
-        check_written(&data, &w.rows[r.clone()], &w.values[r.start * 3..r.end * 3], "t").expect("own values");
+        check_written(
+            &data,
+            &w.rows[r.clone()],
+            &w.values[r.start * 3..r.end * 3],
+            "t",
+        )
+        .expect("own values");
         let old = rows_of(&w.keys[r.clone()], 3, 0);
-        assert!(check_written(&data, &w.rows[r], &old, "t").is_err(), "generation 0 is not a write");
+        assert!(
+            check_written(&data, &w.rows[r], &old, "t").is_err(),
+            "generation 0 is not a write"
+        );
     }
 }

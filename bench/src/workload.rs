@@ -94,7 +94,9 @@ impl Zipf {
 
     pub fn sample(&self, rng: &mut impl Rng) -> usize {
         let u: f64 = rng.random();
-        self.cdf.partition_point(|&c| c < u).min(self.cdf.len().saturating_sub(1))
+        self.cdf
+            .partition_point(|&c| c < u)
+            .min(self.cdf.len().saturating_sub(1))
     }
 }
 
@@ -107,7 +109,14 @@ pub struct Batches {
 impl Batches {
     /// `count` batches of `batch` keys of the data set `(seed, n)`, drawn by `dist`.
     /// Zipf ranks map to row indexes through a mix, so the hot keys are spread over shards.
-    pub fn draw(seed: u64, n: u64, dist: Dist, batch: usize, count: usize, rng_seed: u64) -> Batches {
+    pub fn draw(
+        seed: u64,
+        n: u64,
+        dist: Dist,
+        batch: usize,
+        count: usize,
+        rng_seed: u64,
+    ) -> Batches {
         let mut rng = StdRng::seed_from_u64(rng_seed);
         let total = batch * count;
         let mut keys = Vec::with_capacity(total);
@@ -160,7 +169,10 @@ mod tests {
         let mut bytes = Vec::new();
         row_bytes_of(&a, &mut bytes);
         assert_eq!(bytes.len(), 32);
-        assert_eq!(f32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")), a[1]);
+        assert_eq!(
+            f32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")),
+            a[1]
+        );
     }
 
     #[test]

@@ -36,12 +36,13 @@ from ._errors import (
     Unimplemented,
 )
 from ._hopps import Client, Rows, __version__
-from ._publish import publish
+from ._publish import publish, publish_tables
 
 __all__ = [
     "Client",
     "Rows",
     "publish",
+    "publish_tables",
     "__version__",
     "HoppsError",
     "Aborted",

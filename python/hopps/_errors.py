@@ -118,3 +118,9 @@ class DataLoss(HoppsError):
 
 class Unauthenticated(HoppsError):
     code = "UNAUTHENTICATED"
+
+
+# Shown as hopps.NotFound (not hopps._errors.NotFound) in tracebacks and reprs.
+for _name in __all__:
+    globals()[_name].__module__ = "hopps"
+del _name

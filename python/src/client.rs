@@ -87,7 +87,12 @@ fn owned_keys(obj: &Bound<'_, PyAny>, call: &Call<'_>) -> PyResult<Vec<u64>> {
     })
 }
 
-fn owned_rows(obj: &Bound<'_, PyAny>, rows: usize, call: &Call<'_>, argument: &str) -> PyResult<Vec<f32>> {
+fn owned_rows(
+    obj: &Bound<'_, PyAny>,
+    rows: usize,
+    call: &Call<'_>,
+    argument: &str,
+) -> PyResult<Vec<f32>> {
     let values = arrays::rows(obj, rows, call, argument)?;
     Ok(match values.as_slice() {
         Ok(slice) => slice.to_vec(),
@@ -369,7 +374,13 @@ impl Rows {
     }
 
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let pair = PyTuple::new(py, [self.values.clone_ref(py).into_any(), self.found.clone_ref(py).into_any()])?;
+        let pair = PyTuple::new(
+            py,
+            [
+                self.values.clone_ref(py).into_any(),
+                self.found.clone_ref(py).into_any(),
+            ],
+        )?;
         pair.try_iter().map(Bound::into_any)
     }
 

@@ -112,16 +112,16 @@ mod tests {
 
     #[test]
     fn a_status_keeps_the_servers_message_and_code() {
-        let failure = Failure::from(ClientError::from(tonic_status_not_found()));
-        assert_eq!(code_of(&failure), Code::NotFound);
-        assert_eq!(message_of(&failure), "model \"m\" is not served by this node");
-    }
-
-    fn tonic_status_not_found() -> ClientError {
-        ClientError::Status {
+        let failure = Failure::from(ClientError::Status {
             code: Code::NotFound,
             message: "model \"m\" is not served by this node".to_string(),
-        }
+        });
+        assert_eq!(code_of(&failure), Code::NotFound);
+        // The exception class already says the code: the message is the server's alone.
+        assert_eq!(
+            message_of(&failure),
+            "model \"m\" is not served by this node"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `hopps._hopps.publish`: a version of one table written to a model repository from arrays,
+//! `hopps._hopps.publish`: a version of one or more tables written to a model repository from arrays,
 //! through `hopps_format::Repository::publish_arrays` (the same writer as `hopps model publish`).
 //!
 //! Unlike the client's calls, the arrays are borrowed, not copied, while the GIL is released:
@@ -9,6 +9,7 @@ use hopps_format::{
     MissingPolicy, ModelSpec, OptimizerSpec, PublishOptions, Repository, StorageOptions,
     TableArrays, TableSpec, VersionKind,
 };
+use numpy::{PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
 use crate::arrays;
@@ -28,7 +29,7 @@ fn missing_policy(missing: &str, seed: u64, scale: f32) -> Result<MissingPolicy,
     }
 }
 
-/// The repository description of a publish, for error messages.
+/// The table a publish argument belongs to, for error messages.
 struct Target<'a> {
     model: &'a str,
     table: &'a str,
@@ -36,19 +37,82 @@ struct Target<'a> {
 
 impl std::fmt::Display for Target<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "publish of model {:?} table {:?}", self.model, self.table)
+        write!(
+            f,
+            "publish of model {:?} table {:?}",
+            self.model, self.table
+        )
     }
+}
+
+/// One table of a publish, borrowed from the caller's (converted) arrays.
+struct Borrowed<'py> {
+    table: String,
+    keys: PyReadonlyArray1<'py, u64>,
+    values: PyReadonlyArray2<'py, f32>,
+    deleted: Option<PyReadonlyArray1<'py, bool>>,
+}
+
+fn borrow_table<'py>(
+    model: &str,
+    entry: &Bound<'py, PyAny>,
+    delta: bool,
+) -> PyResult<Borrowed<'py>> {
+    let (table, keys, values, deleted): (
+        String,
+        Bound<'py, PyAny>,
+        Bound<'py, PyAny>,
+        Option<Bound<'py, PyAny>>,
+    ) = entry.extract().map_err(|err| {
+        Failure::Input(format!(
+            "publish of model {model:?}: each table is (name, keys, values, deleted or None): {err}"
+        ))
+    })?;
+    let target = Target {
+        model,
+        table: &table,
+    };
+    let keys = arrays::keys(&keys, &target)?;
+    let rows = keys.as_array().len();
+    let values = arrays::rows(&values, rows, &target, "values")?;
+    let deleted = match deleted {
+        Some(_) if !delta => {
+            return Err(Failure::Input(format!(
+                "{target}: deleted flags only make sense in a delta; pass delta=True"
+            ))
+            .into());
+        }
+        Some(flags) => Some(arrays::flags(&flags, rows, &target)?),
+        None => None,
+    };
+    Ok(Borrowed {
+        table,
+        keys,
+        values,
+        deleted,
+    })
+}
+
+fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+    target: &Target<'_>,
+    argument: &str,
+) -> Result<&'a [T], Failure> {
+    array
+        .as_slice()
+        .map_err(|err| Failure::Input(format!("{target}: {argument}: {err}")))
 }
 
 /// Writes a version of `model` from arrays: a full version, or a delta with `delta=True`.
 ///
-/// `keys` (n,) uint64, `values` (n, dim) float32, `deleted` (n,) bool for deltas. The model is
-/// created on its first publish with `shards` shards and the table's `dtype`, `missing` policy
-/// and `optimizer`; later publishes must match its dims. Returns
-/// `{"model", "version", "kind", "rows"}`.
+/// `tables` is a list of `(table, keys, values, deleted)`: keys (n,) uint64, values (n, dim)
+/// float32, deleted (n,) bool or None (deltas only). The model is created on its first publish
+/// with `shards` shards, and a table it lacks is added with the given `dtype`, `missing` policy
+/// and `optimizer`; existing tables must keep their dims. Returns
+/// `{"model", "version", "kind", "rows"}`. `hopps.publish` is the documented entry point.
 #[pyfunction]
 #[pyo3(signature = (
-    repo, model, table, keys, values, *, delta = false, deleted = None, parent = None,
+    repo, model, tables, *, delta = false, parent = None,
     shards = 1, dtype = "f32", missing = "zeros", random_seed = 0, random_scale = 0.01,
     optimizer = None, learning_rate = 0.01, allow_non_finite = false, source = None,
     storage_timeout = 30.0,
@@ -58,11 +122,8 @@ pub(crate) fn publish(
     py: Python<'_>,
     repo: &str,
     model: &str,
-    table: &str,
-    keys: &Bound<'_, PyAny>,
-    values: &Bound<'_, PyAny>,
+    tables: &Bound<'_, PyAny>,
     delta: bool,
-    deleted: Option<&Bound<'_, PyAny>>,
     parent: Option<u64>,
     shards: u32,
     dtype: &str,
@@ -75,36 +136,49 @@ pub(crate) fn publish(
     source: Option<String>,
     storage_timeout: f64,
 ) -> PyResult<Py<PyAny>> {
-    let target = Target { model, table };
-    let keys = arrays::keys(keys, &target)?;
-    let rows = keys.as_array().len();
-    let values = arrays::rows(values, rows, &target, "values")?;
-    let dim = values.as_array().ncols();
-    let dim = u32::try_from(dim).map_err(|_| {
-        Failure::Input(format!("{target}: dim {dim} is too large; hopps rows have at most 65536 values"))
-    })?;
-    let deleted = match deleted {
-        Some(_) if !delta => {
-            return Err(Failure::Input(format!(
-                "{target}: deleted flags only make sense in a delta; pass delta=True"
+    let borrowed = tables
+        .try_iter()?
+        .map(|entry| borrow_table(model, &entry?, delta))
+        .collect::<PyResult<Vec<_>>>()?;
+    let missing = missing_policy(missing, random_seed, random_scale)?;
+    let mut specs = Vec::with_capacity(borrowed.len());
+    let mut arrays = Vec::with_capacity(borrowed.len());
+    for t in &borrowed {
+        let target = Target {
+            model,
+            table: &t.table,
+        };
+        let cols = t.values.as_array().ncols();
+        let dim = u32::try_from(cols).map_err(|_| {
+            Failure::Input(format!(
+                "{target}: dim {cols} is too large; rows have at most 65536 values"
             ))
-            .into());
-        }
-        Some(flags) => Some(arrays::flags(flags, rows, &target)?),
-        None => None,
-    };
+        })?;
+        let mut spec = TableSpec::new(t.table.as_str(), dim);
+        spec.dtype = dtype.to_string();
+        spec.missing = missing;
+        spec.optimizer = optimizer.map(|kind| OptimizerSpec::new(kind, learning_rate));
+        specs.push(spec);
+        arrays.push(TableArrays {
+            table: &t.table,
+            dim,
+            keys: slice(&t.keys, &target, "keys")?,
+            values: slice(&t.values, &target, "values")?,
+            deleted: t
+                .deleted
+                .as_ref()
+                .map(|flags| slice(flags, &target, "deleted"))
+                .transpose()?,
+        });
+    }
     let timeout = std::time::Duration::try_from_secs_f64(storage_timeout).map_err(|_| {
         Failure::Input(format!(
             "storage_timeout must be a finite, non-negative number of seconds, got {storage_timeout}"
         ))
     })?;
-    let mut table_spec = TableSpec::new(table, dim);
-    table_spec.dtype = dtype.to_string();
-    table_spec.missing = missing_policy(missing, random_seed, random_scale)?;
-    table_spec.optimizer = optimizer.map(|kind| OptimizerSpec::new(kind, learning_rate));
     let options = PublishOptions {
         parent,
-        create: Some(ModelSpec::new(model, shards, vec![table_spec])),
+        create: Some(ModelSpec::new(model, shards, specs)),
         allow_non_finite,
         source: source.unwrap_or_else(|| format!("python hopps {}", env!("CARGO_PKG_VERSION"))),
         ..PublishOptions::default()
@@ -118,27 +192,6 @@ pub(crate) fn publish(
     } else {
         VersionKind::Full
     };
-    let keys = keys
-        .as_slice()
-        .map_err(|err| Failure::Input(format!("{target}: keys: {err}")))?;
-    let values = values
-        .as_slice()
-        .map_err(|err| Failure::Input(format!("{target}: values: {err}")))?;
-    let deleted = deleted
-        .as_ref()
-        .map(|flags| {
-            flags
-                .as_slice()
-                .map_err(|err| Failure::Input(format!("{target}: deleted: {err}")))
-        })
-        .transpose()?;
-    let arrays = [TableArrays {
-        table,
-        dim,
-        keys,
-        values,
-        deleted,
-    }];
     let (_, runtime) = runtime()?;
     let summary = py.detach(|| {
         runtime.block_on(async {
@@ -158,11 +211,20 @@ mod tests {
 
     #[test]
     fn missing_policies_parse() {
-        assert_eq!(missing_policy("zeros", 0, 0.1).expect("zeros"), MissingPolicy::Zeros);
-        assert_eq!(missing_policy("error", 0, 0.1).expect("error"), MissingPolicy::Error);
+        assert_eq!(
+            missing_policy("zeros", 0, 0.1).expect("zeros"),
+            MissingPolicy::Zeros
+        );
+        assert_eq!(
+            missing_policy("error", 0, 0.1).expect("error"),
+            MissingPolicy::Error
+        );
         assert_eq!(
             missing_policy("random", 7, 0.5).expect("random"),
-            MissingPolicy::Random { seed: 7, scale: 0.5 }
+            MissingPolicy::Random {
+                seed: 7,
+                scale: 0.5
+            }
         );
         let err = missing_policy("nan", 0, 0.1).expect_err("unknown");
         assert!(err.to_string().contains("\"zeros\""), "{err}");

@@ -34,7 +34,9 @@ pub(crate) fn runtime() -> Result<(u32, Arc<Runtime>), Failure> {
     let pid = std::process::id();
     // A panic while holding this lock cannot leave the Option half-written, so a poisoned lock
     // is still consistent.
-    let mut slot = RUNTIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = RUNTIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(current) = slot.as_ref()
         && current.pid == pid
     {

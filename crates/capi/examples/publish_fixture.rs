@@ -32,7 +32,10 @@ async fn publish(
     let spec = ModelSpec::new(
         model,
         shards,
-        tables.iter().map(|t| TableSpec::new(t.table, t.dim)).collect(),
+        tables
+            .iter()
+            .map(|t| TableSpec::new(t.table, t.dim))
+            .collect(),
     );
     let summary = repo
         .publish_arrays(
@@ -121,7 +124,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cannot start a runtime: {err}");

@@ -219,12 +219,11 @@ fn timeout(ms: u32) -> Option<Duration> {
 /// The version of libhopps, e.g. "0.1.0". A static string: do not free it.
 #[unsafe(no_mangle)]
 pub extern "C" fn hopps_version() -> *const c_char {
-    const VERSION: &CStr = match CStr::from_bytes_with_nul(
-        concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
-    ) {
-        Ok(version) => version,
-        Err(_) => c"unknown",
-    };
+    const VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(version) => version,
+            Err(_) => c"unknown",
+        };
     VERSION.as_ptr()
 }
 
@@ -685,7 +684,11 @@ mod tests {
         let status = call(&mut err);
         // SAFETY: `err` is NULL or a live error that the call just handed over.
         let (code, message) = unsafe {
-            let code = if err.is_null() { HOPPS_OK } else { hopps_error_code(err) };
+            let code = if err.is_null() {
+                HOPPS_OK
+            } else {
+                hopps_error_code(err)
+            };
             let message = CStr::from_ptr(hopps_error_message(err))
                 .to_string_lossy()
                 .into_owned();
@@ -702,7 +705,10 @@ mod tests {
         assert_eq!(status, HOPPS_INTERNAL);
         assert!(message.contains("boom in a test"), "{message}");
         // With no error out-pointer the error is freed, the code still returned.
-        assert_eq!(guarded(std::ptr::null_mut(), || panic!("x")), HOPPS_INTERNAL);
+        assert_eq!(
+            guarded(std::ptr::null_mut(), || panic!("x")),
+            HOPPS_INTERNAL
+        );
     }
 
     #[test]

@@ -460,7 +460,11 @@ fn check_row_floats(
     Ok(())
 }
 
-fn copy_rows(rows: &[f32], out: &mut [f32], what: impl FnOnce() -> String) -> Result<(), CallError> {
+fn copy_rows(
+    rows: &[f32],
+    out: &mut [f32],
+    what: impl FnOnce() -> String,
+) -> Result<(), CallError> {
     if out.len() < rows.len() {
         return Err(CallError::new(
             code::OUT_OF_RANGE,
@@ -517,7 +521,10 @@ mod tests {
         assert_eq!(code::NOT_FOUND, i32::from(Code::NotFound));
         assert_eq!(code::DEADLINE_EXCEEDED, i32::from(Code::DeadlineExceeded));
         assert_eq!(code::OUT_OF_RANGE, i32::from(Code::OutOfRange));
-        assert_eq!(code::FAILED_PRECONDITION, i32::from(Code::FailedPrecondition));
+        assert_eq!(
+            code::FAILED_PRECONDITION,
+            i32::from(Code::FailedPrecondition)
+        );
     }
 
     #[test]

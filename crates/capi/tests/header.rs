@@ -52,7 +52,10 @@ fn header_declares_every_exported_function() {
             "hopps.h does not declare {name}"
         );
     }
-    for opaque in ["typedef struct hopps_client hopps_client;", "typedef struct hopps_error hopps_error;"] {
+    for opaque in [
+        "typedef struct hopps_client hopps_client;",
+        "typedef struct hopps_error hopps_error;",
+    ] {
         assert!(header.contains(opaque), "hopps.h lacks `{opaque}`");
     }
 }

@@ -205,7 +205,11 @@ async fn publish_full(repo: &Repository, args: &DemoArgs) -> Result<u64> {
         seed: 7,
         scale: 0.01,
     };
-    let spec = ModelSpec::new(MODEL, SHARDS, vec![TableSpec::new(USER, args.dim), item_spec]);
+    let spec = ModelSpec::new(
+        MODEL,
+        SHARDS,
+        vec![TableSpec::new(USER, args.dim), item_spec],
+    );
     let summary = repo
         .publish_arrays(
             MODEL,
@@ -260,7 +264,12 @@ fn delta_plan(args: &DemoArgs, d: u64) -> DeltaPlan {
     }
 }
 
-async fn publish_delta(repo: &Repository, args: &DemoArgs, version: u64, plan: &DeltaPlan) -> Result<u64> {
+async fn publish_delta(
+    repo: &Repository,
+    args: &DemoArgs,
+    version: u64,
+    plan: &DeltaPlan,
+) -> Result<u64> {
     let mut keys: Vec<u64> = plan.updated.clone().collect();
     keys.push(plan.inserted);
     keys.push(plan.deleted);
@@ -408,18 +417,22 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let server = hopps_server::Server::new(engine, &config)?;
     let node = tokio::spawn(server.run(grpc, admin, shutdown.clone()));
     let client = Client::connect(&grpc_addr).await?;
-    poll_until("loading the demo model", Duration::from_secs(900), || async {
-        let status = client.status().await?;
-        if let Some(m) = status.models.iter().find(|m| m.name == MODEL)
-            && m.state == "failed"
-        {
-            bail!(
-                "the node failed to load the demo model: {}",
-                m.last_error.clone().unwrap_or_default()
-            );
-        }
-        Ok(status.ready.then_some(()))
-    })
+    poll_until(
+        "loading the demo model",
+        Duration::from_secs(900),
+        || async {
+            let status = client.status().await?;
+            if let Some(m) = status.models.iter().find(|m| m.name == MODEL)
+                && m.state == "failed"
+            {
+                bail!(
+                    "the node failed to load the demo model: {}",
+                    m.last_error.clone().unwrap_or_default()
+                );
+            }
+            Ok(status.ready.then_some(()))
+        },
+    )
     .await?;
     let status = client.status().await?;
     story.step(format!(
@@ -444,7 +457,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     )?;
     let item_probe = [3, args.keys * 10 + 1];
     let items = client.lookup(MODEL, ITEM, &item_probe).await?;
-    ensure!(items.found == [true, false], "item lookup: unexpected found flags {:?}", items.found);
+    ensure!(
+        items.found == [true, false],
+        "item lookup: unexpected found flags {:?}",
+        items.found
+    );
     let again = client.lookup(MODEL, ITEM, &item_probe).await?;
     ensure!(
         items.values == again.values,
@@ -474,13 +491,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         publish_delta(&repo, &args, version, &plan).await?;
         let published = t.elapsed();
         let t = Instant::now();
-        poll_until(&format!("serving delta version {version}"), Duration::from_secs(60), || async {
-            Ok(serving_version(&client).await?.filter(|v| *v >= version))
-        })
+        poll_until(
+            &format!("serving delta version {version}"),
+            Duration::from_secs(60),
+            || async { Ok(serving_version(&client).await?.filter(|v| *v >= version)) },
+        )
         .await?;
         truth.plans.push(plan);
         let plan = &truth.plans[truth.plans.len() - 1];
-        let keys = [plan.updated.start, plan.updated.end - 1, plan.deleted, plan.inserted];
+        let keys = [
+            plan.updated.start,
+            plan.updated.end - 1,
+            plan.deleted,
+            plan.inserted,
+        ];
         let rows = client.lookup(MODEL, USER, &keys).await?;
         let applied = truth.plans.len();
         check_rows(
@@ -514,7 +538,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let plan = &truth.plans[truth.plans.len() - 1];
         let keys = [plan.updated.start, plan.deleted, plan.inserted];
         let rows = client.lookup(MODEL, USER, &keys).await?;
-        ensure!(rows.version == target, "after the rollback the node serves version {}, not {target}", rows.version);
+        ensure!(
+            rows.version == target,
+            "after the rollback the node serves version {}, not {target}",
+            rows.version
+        );
         check_rows(
             &rows,
             &keys,
@@ -600,7 +628,7 @@ mod tests {
         assert_eq!(truth.at(first, 0), (true, 1));
         assert_eq!(truth.at(first, 1), (true, 2));
         assert_eq!(truth.at(99, 1), (false, 1), "delta 1 deletes the last key");
-        assert_eq!(truth.at(101, 0).0, false);
+        assert!(!truth.at(101, 0).0);
         assert_eq!(truth.at(101, 1), (true, 2), "delta 1 inserts key 101");
         assert!(truth.at(102, 2).0);
         // Values are exact in f32.

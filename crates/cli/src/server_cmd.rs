@@ -21,6 +21,14 @@ const DEFAULT_ADDR: &str = "127.0.0.1:7070";
 /// file, which overrides the defaults.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    // Boxed: the flags are many, and the CLI's command enum should stay small.
+    #[command(flatten)]
+    flags: Box<ServeFlags>,
+}
+
+/// The settings of `hopps serve`.
+#[derive(Debug, clap::Args)]
+struct ServeFlags {
     /// TOML config file (settings named like the flags, with underscores).
     #[arg(long, env = "HOPPS_CONFIG")]
     config: Option<PathBuf>,
@@ -94,7 +102,7 @@ pub enum LogFormat {
     Json,
 }
 
-impl ServeArgs {
+impl ServeFlags {
     /// The config file (or defaults) with flags and environment variables applied.
     fn config(&self) -> Result<ServerConfig> {
         let mut config = match &self.config {
@@ -156,7 +164,10 @@ fn init_logging(format: LogFormat) {
 }
 
 /// A shutdown channel that turns true on SIGINT or SIGTERM.
-pub(crate) fn shutdown_on_signals() -> (tokio::sync::watch::Sender<bool>, tokio::sync::watch::Receiver<bool>) {
+pub(crate) fn shutdown_on_signals() -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Receiver<bool>,
+) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let signal_tx = tx.clone();
     tokio::spawn(async move {
@@ -184,26 +195,24 @@ pub(crate) fn shutdown_on_signals() -> (tokio::sync::watch::Sender<bool>, tokio:
 
 /// Binds a listener, naming the address and the setting on failure.
 pub(crate) async fn bind(addr: &str, setting: &str) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({setting}); is another process using it? choose another address or port 0"))
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} ({setting}); is another process using it? choose another address or port 0")
+    })
 }
 
 /// Opens the repository and the engine of `config`.
 pub(crate) async fn open_engine(config: &ServerConfig) -> Result<hopps_engine::Engine> {
     let storage_timeout = config.storage.timeout.unwrap_or(Duration::from_secs(30));
-    let repository = tokio::time::timeout(
-        storage_timeout + Duration::from_secs(5),
-        hopps_server::open_repository(config),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "model repository {} did not answer within {} s; check the URI and that the storage is reachable",
-            config.repo,
-            storage_timeout.as_secs()
-        )
-    })??;
+    let repository =
+        tokio::time::timeout(storage_timeout + Duration::from_secs(5), hopps_server::open_repository(config))
+            .await
+            .with_context(|| {
+            format!(
+                "model repository {} did not answer within {} s; check the URI and that the storage is reachable",
+                config.repo,
+                storage_timeout.as_secs()
+            )
+        })??;
     let engine = hopps_engine::Engine::open(hopps_server::engine_config(config, repository))
         .await
         .with_context(|| format!("cannot start the engine on repository {}", config.repo))?;
@@ -212,6 +221,7 @@ pub(crate) async fn open_engine(config: &ServerConfig) -> Result<hopps_engine::E
 
 /// `hopps serve`.
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let args = args.flags;
     init_logging(args.log_format);
     let config = args.config()?;
     tracing::info!(repo = %config.repo, models = ?config.models, "opening the model repository");
@@ -229,7 +239,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Prints the bound addresses (one line on stdout that scripts can parse) and writes the ready file.
-fn announce(grpc: SocketAddr, admin: SocketAddr, ready_file: Option<&std::path::Path>) -> Result<()> {
+fn announce(
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    ready_file: Option<&std::path::Path>,
+) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening grpc={grpc} admin={admin}")?;
     stdout.flush()?;
@@ -268,9 +282,10 @@ pub struct LookupArgs {
     /// Table name.
     #[arg(long)]
     table: String,
-    /// Read at this version instead of the one served by default.
-    #[arg(long)]
-    version: Option<u64>,
+    /// Read at this version instead of the one served by default (FAILED_PRECONDITION when the
+    /// node can no longer read it).
+    #[arg(long = "at-version", value_name = "VERSION")]
+    at_version: Option<u64>,
     /// Print JSON: {"version": V, "rows": [{"key": K, "found": true, "values": [...]}, ...]}.
     #[arg(long)]
     json: bool,
@@ -318,7 +333,7 @@ fn lookup_output<'a>(args: &'a LookupArgs, rows: &'a Rows) -> LookupOutput<'a> {
 pub async fn lookup(args: LookupArgs) -> Result<()> {
     let client = connect(&args.addr).await?;
     let rows = client
-        .lookup_at(&args.model, &args.table, &args.keys, args.version)
+        .lookup_at(&args.model, &args.table, &args.keys, args.at_version)
         .await?;
     let out = lookup_output(&args, &rows);
     if args.json {
@@ -467,7 +482,15 @@ pub(crate) fn print_status(status: &NodeStatus) {
         .collect();
     print_table(
         &[
-            "MODEL", "STATE", "SERVING", "NEWEST", "LAG", "ROWS", "MEMORY", "LOAD-FACTOR", "LOADING",
+            "MODEL",
+            "STATE",
+            "SERVING",
+            "NEWEST",
+            "LAG",
+            "ROWS",
+            "MEMORY",
+            "LOAD-FACTOR",
+            "LOADING",
             "ERROR",
         ],
         &rows,
@@ -499,7 +522,15 @@ pub(crate) fn print_status(status: &NodeStatus) {
         println!();
         print_table(
             &[
-                "MODEL", "TABLE", "DIM", "DTYPE", "MISSING", "ROWS", "LOAD-FACTOR", "BYTES", "BYTES/ROW",
+                "MODEL",
+                "TABLE",
+                "DIM",
+                "DTYPE",
+                "MISSING",
+                "ROWS",
+                "LOAD-FACTOR",
+                "BYTES",
+                "BYTES/ROW",
             ],
             &tables,
         );
@@ -535,7 +566,9 @@ pub(crate) fn print_versions(versions: &[hopps_client::VersionInfo]) {
         })
         .collect();
     print_table(
-        &["VERSION", "KIND", "PARENT", "ROWS", "STATE", "CREATED", "SOURCE"],
+        &[
+            "VERSION", "KIND", "PARENT", "ROWS", "STATE", "CREATED", "SOURCE",
+        ],
         &rows,
     );
 }
@@ -718,10 +751,17 @@ pub struct BenchLookupArgs {
 /// Draws keys from a key space, uniformly or Zipf-distributed.
 #[derive(Clone)]
 enum KeySource {
-    Uniform { min: u64, space: u64 },
+    Uniform {
+        min: u64,
+        space: u64,
+    },
     /// Cumulative probabilities of ranks; rank r maps to a key scattered over the space, so hot
     /// keys land on all shards.
-    Zipf { min: u64, space: u64, cdf: std::sync::Arc<Vec<f64>> },
+    Zipf {
+        min: u64,
+        space: u64,
+        cdf: std::sync::Arc<Vec<f64>>,
+    },
 }
 
 /// Largest key space a Zipf CDF is built for (8 bytes each).
@@ -736,7 +776,9 @@ impl KeySource {
             KeyDist::Uniform => KeySource::Uniform { min, space },
             KeyDist::Zipf => {
                 if space > ZIPF_MAX_SPACE {
-                    bail!("--dist zipf supports key spaces up to {ZIPF_MAX_SPACE}; pass a smaller --key-space");
+                    bail!(
+                        "--dist zipf supports key spaces up to {ZIPF_MAX_SPACE}; pass a smaller --key-space"
+                    );
                 }
                 let mut cdf = Vec::with_capacity(space as usize);
                 let mut total = 0.0;
@@ -820,7 +862,12 @@ pub async fn bench_lookup(args: BenchLookupArgs) -> Result<()> {
             let model = models
                 .iter()
                 .find(|m| m.name == args.model)
-                .with_context(|| format!("the server at {} does not serve model {:?}", args.addr, args.model))?;
+                .with_context(|| {
+                    format!(
+                        "the server at {} does not serve model {:?}",
+                        args.addr, args.model
+                    )
+                })?;
             let table = model
                 .tables
                 .iter()
@@ -898,7 +945,8 @@ async fn run_bench(
                     }
                     match result {
                         Ok(_) => latencies.push(
-                            u32::try_from(done.duration_since(sent).as_micros()).unwrap_or(u32::MAX),
+                            u32::try_from(done.duration_since(sent).as_micros())
+                                .unwrap_or(u32::MAX),
                         ),
                         Err(err) => {
                             errors += 1;
@@ -956,6 +1004,23 @@ async fn run_bench(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argument_definitions_are_consistent() {
+        use clap::{Args, Command};
+        // As the CLI builds them: --version propagated to every subcommand.
+        let cli = Command::new("hopps")
+            .version("0")
+            .propagate_version(true)
+            .subcommand(ServeArgs::augment_args(Command::new("serve")))
+            .subcommand(LookupArgs::augment_args(Command::new("lookup")))
+            .subcommand(StatusArgs::augment_args(Command::new("status")))
+            .subcommand(RollbackArgs::augment_args(Command::new("rollback")))
+            .subcommand(HistoryArgs::augment_args(Command::new("history")))
+            .subcommand(CheckpointArgs::augment_args(Command::new("checkpoint")))
+            .subcommand(BenchLookupArgs::augment_args(Command::new("bench")));
+        cli.debug_assert();
+    }
 
     #[test]
     fn keys_parse_as_u64_or_i64() {

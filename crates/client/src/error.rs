@@ -14,7 +14,9 @@ pub enum ClientError {
         reason: String,
     },
     /// No connection could be made.
-    #[error("cannot connect to hopps at {addr}: {source}; is `hopps serve` running and listening there?")]
+    #[error(
+        "cannot connect to hopps at {addr}: {source}; is `hopps serve` running and listening there?"
+    )]
     Connect {
         /// The address as given.
         addr: String,
@@ -56,7 +58,12 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.code(),
-            Some(Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted)
+            Some(
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+            )
         ) && !matches!(self, ClientError::InvalidAddress { .. })
     }
 }

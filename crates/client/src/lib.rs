@@ -78,10 +78,11 @@ impl Client {
     /// Connects to the node at `addr` with `options`.
     pub async fn connect_with(addr: &str, options: &ClientOptions) -> Result<Client, ClientError> {
         let uri = endpoint_uri(addr);
-        let mut endpoint = Endpoint::from_shared(uri).map_err(|err| ClientError::InvalidAddress {
-            addr: addr.to_string(),
-            reason: err.to_string(),
-        })?;
+        let mut endpoint =
+            Endpoint::from_shared(uri).map_err(|err| ClientError::InvalidAddress {
+                addr: addr.to_string(),
+                reason: err.to_string(),
+            })?;
         endpoint = endpoint
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true);
@@ -113,7 +114,12 @@ impl Client {
     }
 
     /// Rows of `table` in `model` for `keys`, at the version the node serves by default.
-    pub async fn lookup(&self, model: &str, table: &str, keys: &[u64]) -> Result<Rows, ClientError> {
+    pub async fn lookup(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+    ) -> Result<Rows, ClientError> {
         self.lookup_at(model, table, keys, None).await
     }
 
@@ -234,7 +240,12 @@ impl Client {
     }
 
     /// Removes rows.
-    pub async fn delete(&self, model: &str, table: &str, keys: &[u64]) -> Result<WriteAck, ClientError> {
+    pub async fn delete(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+    ) -> Result<WriteAck, ClientError> {
         let request = v1::DeleteRequest {
             model: model.to_string(),
             table: table.to_string(),
@@ -283,7 +294,11 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok(response.versions.into_iter().map(VersionInfo::from).collect())
+        Ok(response
+            .versions
+            .into_iter()
+            .map(VersionInfo::from)
+            .collect())
     }
 
     /// The node's status: readiness, memory, and per model its versions and load progress.
@@ -321,7 +336,11 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok(response.events.into_iter().map(HistoryEvent::from).collect())
+        Ok(response
+            .events
+            .into_iter()
+            .map(HistoryEvent::from)
+            .collect())
     }
 
     /// Writes a checkpoint of the version the node serves for `model`.

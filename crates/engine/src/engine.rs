@@ -452,9 +452,9 @@ impl Engine {
         m.stage_bytes.store(stage.bytes(), Ordering::Relaxed);
         m.runtime.lock().staged = Some(d.version);
         // Staged: both versions readable, the old one by default.
-        m.view.store(Some(Arc::new(
-            view.with(from, vec![(from, None), (d.version, Some(stage.clone()))]),
-        )));
+        let staged =
+            Arc::new(view.with(from, vec![(from, None), (d.version, Some(stage.clone()))]));
+        m.view.store(Some(staged.clone()));
         let mut undo_log = m.write.lock().await;
         let tables = view.tables.clone();
         let (undo, tables) = {
@@ -471,10 +471,15 @@ impl Engine {
         let undo = Arc::new(undo);
         // Flip: the new version is the default; the old one stays readable through its undo
         // record while the merge changes the base tables.
-        m.view.store(Some(Arc::new(view.with(
+        let flipped = Arc::new(view.with(
             d.version,
             vec![(d.version, Some(stage.clone())), (from, Some(undo.clone()))],
-        ))));
+        ));
+        m.view.store(Some(flipped.clone()));
+        // Readers of the earlier views read the base tables without an overlay for the keys the
+        // merge changes: they must be done before it starts.
+        drain_readers(&[&view, &staged]).await;
+        drop(staged);
         {
             let stage = stage.clone();
             tokio::task::spawn_blocking(move || merge(&tables, &stage))
@@ -486,6 +491,9 @@ impl Engine {
         m.view.store(Some(Arc::new(
             view.with(d.version, vec![(d.version, None)]),
         )));
+        // Readers of the old version through its undo record finish before the base tables
+        // change again (online writes, the next merge).
+        drain_readers(&[&flipped]).await;
         m.stage_bytes.store(0, Ordering::Relaxed);
         m.runtime.lock().staged = None;
         // The undo log is a contiguous run of the chain ending at the serving version.
@@ -658,10 +666,12 @@ impl Engine {
             let rb = Arc::new(rb);
             m.stage_bytes
                 .store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
-            m.view.store(Some(Arc::new(view.with(
+            let flipped = Arc::new(view.with(
                 to,
                 vec![(to, Some(rb.clone())), (from, Some(Arc::new(forward)))],
-            ))));
+            ));
+            m.view.store(Some(flipped.clone()));
+            drain_readers(&[&view]).await;
             {
                 let rb = rb.clone();
                 tokio::task::spawn_blocking(move || merge(&tables, &rb))
@@ -672,6 +682,7 @@ impl Engine {
             }
             m.view
                 .store(Some(Arc::new(view.with(to, vec![(to, None)]))));
+            drain_readers(&[&flipped]).await;
             m.stage_bytes.store(0, Ordering::Relaxed);
             let keep = undo_log.entries.len() - chain_after.len();
             undo_log.entries.truncate(keep);
@@ -901,6 +912,9 @@ impl Engine {
                 format!("model {model} is still loading; retry"),
             )
         })?;
+        // A merge waits for every holder of an older view before it changes the base tables;
+        // holding one while waiting for the write lock it holds would deadlock.
+        drop(view);
         let undo_log = m.write.lock().await;
         // The view may have changed while waiting (a merge finished, a rebuild swapped tables).
         let view = self.serving_view(&m)?;
@@ -1159,6 +1173,15 @@ impl Engine {
                 },
             })
             .collect())
+    }
+}
+
+/// Waits until no reader holds any of `views` (the caller's own handles excepted). A view
+/// replaced in the model's `ArcSwap` has its outstanding read guards counted in its strong
+/// count (arc-swap pays their debts on replacement), so a count of 1 means only the caller has it.
+async fn drain_readers(views: &[&Arc<View>]) {
+    while views.iter().any(|v| Arc::strong_count(v) > 1) {
+        tokio::time::sleep(std::time::Duration::from_micros(50)).await;
     }
 }
 

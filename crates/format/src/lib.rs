@@ -23,7 +23,10 @@ pub mod spec;
 pub mod storage;
 
 pub use error::{ErrorKind, FormatError, Result};
-pub use publish::{InputFile, PublishOptions, PublishProgress, PublishRequest, TableArrays, TableInput};
+pub use publish::{
+    InputFile, PublishOptions, PublishProgress, PublishRequest, ShardRequest, ShardSummary, TableArrays, TableInput,
+    shard_to_dir,
+};
 pub use repo::{CheckpointWriter, Repository, RowReader};
 pub use rows::RowBatch;
 pub use segment::Segment;

@@ -61,6 +61,9 @@ pub enum InputFile {
     Csv { path: PathBuf, delimiter: u8 },
     /// A pair of `.npy` arrays: keys `(n,)` uint64/int64 and values `(n, dim)` float32.
     Npy { keys: PathBuf, values: PathBuf },
+    /// A Parquet file every key of which belongs to `shard` (Spark output partitioned by
+    /// `pmod(xxhash64(key), S)`, or `hopps shard` output). It is checked and uploaded unchanged.
+    Sharded { path: PathBuf, shard: u32 },
 }
 
 impl InputFile {
@@ -68,6 +71,11 @@ impl InputFile {
     /// directory stands for the Parquet files in it (as Spark writes them), in name order.
     /// `.npy` needs its pair: use [`InputFile::Npy`].
     pub fn from_path(path: &Path) -> Result<Vec<InputFile>> {
+        if path.is_dir()
+            && let Some(sharded) = sharded_layout(path)?
+        {
+            return Ok(sharded);
+        }
         if path.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|e| FormatError::local_io(path, "cannot list input directory", e))?
@@ -105,7 +113,9 @@ impl InputFile {
 
     fn display(&self) -> String {
         match self {
-            InputFile::Parquet(p) | InputFile::Csv { path: p, .. } => p.display().to_string(),
+            InputFile::Parquet(p) | InputFile::Csv { path: p, .. } | InputFile::Sharded { path: p, .. } => {
+                p.display().to_string()
+            }
             InputFile::Npy { keys, values } => format!("{} + {}", keys.display(), values.display()),
         }
     }
@@ -113,7 +123,7 @@ impl InputFile {
     /// Rows the file holds, when known without reading it (Parquet footer, npy header).
     pub fn rows_hint(&self, dim: u32) -> Option<u64> {
         match self {
-            InputFile::Parquet(p) => {
+            InputFile::Parquet(p) | InputFile::Sharded { path: p, .. } => {
                 let f = std::fs::File::open(p).ok()?;
                 let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).ok()?;
                 Some(b.metadata().file_metadata().num_rows() as u64)
@@ -130,7 +140,9 @@ impl InputFile {
     fn open(&self, dim: u32) -> Result<Box<dyn RowSource>> {
         let open = |p: &Path| std::fs::File::open(p).map_err(|e| FormatError::local_io(p, "cannot open input", e));
         Ok(match self {
-            InputFile::Parquet(p) => Box::new(ParquetRows::new(open(p)?, dim, &p.display().to_string())?),
+            InputFile::Parquet(p) | InputFile::Sharded { path: p, .. } => {
+                Box::new(ParquetRows::new(open(p)?, dim, &p.display().to_string())?)
+            }
             InputFile::Csv { path, delimiter } => Box::new(CsvRows::new(
                 std::io::BufReader::with_capacity(1 << 20, open(path)?),
                 *delimiter,
@@ -226,7 +238,10 @@ impl Repository {
                 p.table = t.table.clone();
                 w.begin_table(&t.table, t.dim);
                 for input in &t.inputs {
-                    self.feed_file(&mut w, input, t.dim, &mut p, progress).await?;
+                    match input {
+                        InputFile::Sharded { path, shard } => w.copy_sharded(path, *shard, &mut p, progress).await?,
+                        _ => self.feed_file(&mut w, input, t.dim, &mut p, progress).await?,
+                    }
                 }
                 w.end_table().await?;
             }
@@ -462,6 +477,144 @@ impl Repository {
     }
 }
 
+/// The files of a pre-sharded directory: `shard=<n>/*.parquet` subdirectories (as Spark's
+/// `partitionBy("shard")` and `hopps shard` write them), in shard then name order. `None` when
+/// the directory has no `shard=` subdirectory.
+pub fn sharded_layout(dir: &Path) -> Result<Option<Vec<InputFile>>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| FormatError::local_io(dir, "cannot list input directory", e))?;
+    let mut shard_dirs: Vec<(u32, PathBuf)> = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name.strip_prefix("shard=")
+            && e.path().is_dir()
+        {
+            let shard = n.parse::<u32>().map_err(|_| {
+                FormatError::invalid(format!("{}: {name:?} is not shard=<number>", dir.display()))
+            })?;
+            shard_dirs.push((shard, e.path()));
+        }
+    }
+    if shard_dirs.is_empty() {
+        return Ok(None);
+    }
+    shard_dirs.sort();
+    for (shard, d) in shard_dirs {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&d)
+            .map_err(|e| FormatError::local_io(&d, "cannot list shard directory", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                p.is_file() && !name.starts_with('.') && !name.starts_with('_')
+                    && (name.ends_with(".parquet") || name.ends_with(".pq"))
+            })
+            .collect();
+        files.sort();
+        out.extend(files.into_iter().map(|path| InputFile::Sharded { path, shard }));
+    }
+    Ok(Some(out))
+}
+
+/// What `hopps shard` should do.
+#[derive(Debug, Clone)]
+pub struct ShardRequest {
+    pub table: String,
+    pub dim: u32,
+    /// A power of two: the shard count of the model the output will be published to.
+    pub shards: u32,
+    pub kind: VersionKind,
+    pub inputs: Vec<InputFile>,
+    pub allow_non_finite: bool,
+    pub max_rows_per_file: Option<u64>,
+}
+
+/// `_hopps_shards.json`, written beside the per-shard files by [`shard_to_dir`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardSummary {
+    pub format_version: u32,
+    pub table: String,
+    pub dim: u32,
+    pub shards: u32,
+    pub hash: String,
+    pub kind: VersionKind,
+    pub rows: u64,
+    pub deletes: u64,
+    pub duplicates: u64,
+    /// Paths relative to the output directory.
+    pub files: Vec<FileEntry>,
+}
+
+/// Name of the summary [`shard_to_dir`] writes.
+pub const SHARD_SUMMARY: &str = "_hopps_shards.json";
+
+/// Splits unsharded input into per-shard Parquet files under `out` (`shard=<s>/part-*.parquet`,
+/// the layout Spark's `partitionBy("shard")` writes) plus `_hopps_shards.json`. Publish the
+/// directory with `hopps model publish --input <out>`, which uploads the files unchanged.
+pub async fn shard_to_dir(
+    req: &ShardRequest,
+    out: &Path,
+    progress: &(dyn Fn(&PublishProgress) + Send + Sync),
+) -> Result<ShardSummary> {
+    validate_name("table", &req.table)?;
+    let spec = ModelSpec::new("sharding", req.shards, vec![TableSpec::new(req.table.clone(), req.dim)]);
+    spec.validate()?;
+    if let Ok(mut rd) = std::fs::read_dir(out)
+        && rd.next().is_some()
+    {
+        return Err(FormatError::invalid(format!(
+            "output directory {} is not empty; give a new or empty directory",
+            out.display()
+        )));
+    }
+    let uri = out.display().to_string();
+    let repo = Repository::open(&uri, &crate::StorageOptions::default()).await?;
+    let opts = PublishOptions {
+        allow_non_finite: req.allow_non_finite,
+        max_rows_per_file: req.max_rows_per_file,
+        ..Default::default()
+    };
+    let plan = Plan { spec, version: 0, parent: None };
+    let mut w = VersionWriter::new(&repo, &plan, req.kind, "sharding", &opts);
+    w.dir = String::new();
+    w.shard_dirs = true;
+    let rows_total = req.inputs.iter().map(|i| i.rows_hint(req.dim)).sum::<Option<u64>>();
+    let mut p = PublishProgress { table: req.table.clone(), rows_total, ..Default::default() };
+    let result = async {
+        w.begin_table(&req.table, req.dim);
+        for input in &req.inputs {
+            if let InputFile::Sharded { path, .. } = input {
+                return Err(FormatError::invalid(format!(
+                    "{} is already sharded; publish it directly",
+                    path.display()
+                )));
+            }
+            repo.feed_file(&mut w, input, req.dim, &mut p, progress).await?;
+        }
+        w.end_table().await?;
+        let t = w.done.pop().ok_or_else(|| FormatError::invalid("no table was written"))?;
+        let summary = ShardSummary {
+            format_version: FORMAT_VERSION,
+            table: t.name,
+            dim: req.dim,
+            shards: req.shards,
+            hash: crate::spec::HASH_XXH64_SEED42.to_string(),
+            kind: req.kind,
+            rows: t.rows,
+            deletes: t.deletes,
+            duplicates: t.duplicates,
+            files: t.files,
+        };
+        let bytes = serde_json::to_vec_pretty(&summary).map_err(|e| FormatError::invalid(e.to_string()))?;
+        repo.put(SHARD_SUMMARY, bytes, false).await?;
+        Ok(summary)
+    }
+    .await;
+    if result.is_err() {
+        w.abort().await;
+    }
+    result
+}
+
 fn summarize_versions(ms: &[Manifest]) -> String {
     if ms.is_empty() {
         return "none".to_string();
@@ -523,6 +676,9 @@ struct VersionWriter {
     done: Vec<ManifestTable>,
     written: Vec<String>,
     files_written: u64,
+    /// Name files `shard=<s>/part-...` (the `hopps shard` output layout) instead of
+    /// `<table>/part-<s>-...` (a version directory).
+    shard_dirs: bool,
 }
 
 /// Total bytes of rows buffered across all shards of a table before they are encoded.
@@ -547,6 +703,7 @@ impl VersionWriter {
             done: Vec::new(),
             written: Vec::new(),
             files_written: 0,
+            shard_dirs: false,
         }
     }
 
@@ -584,9 +741,23 @@ impl VersionWriter {
     }
 
     async fn push(&mut self, batch: &RowBatch, source: &str) -> Result<()> {
+        self.check_and_route(batch, source, None)?;
+        let group = self.group_rows(self.table.as_ref().map_or(1, |t| t.dim));
+        for s in 0..self.shards as usize {
+            let full = self.table.as_ref().is_some_and(|t| t.shards[s].keys.len() >= group);
+            if full {
+                self.flush_shard(s, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates and counts the rows of `batch`. Without `copied_shard` the rows are buffered
+    /// in their shard; with it, they come from a file that is copied as is, and every key must
+    /// belong to that shard.
+    fn check_and_route(&mut self, batch: &RowBatch, source: &str, copied_shard: Option<u32>) -> Result<()> {
         let kind = self.kind;
         let shards = self.shards;
-        let model = self.model.clone();
         let t = self.table.as_mut().ok_or_else(|| FormatError::invalid("push outside a table"))?;
         let dim = t.dim as usize;
         if batch.values.len() != batch.keys.len() * dim
@@ -622,7 +793,18 @@ impl VersionWriter {
             if !t.seen.insert(key) {
                 t.duplicates += 1;
             }
-            let s = &mut t.shards[shard_of(key, shards) as usize];
+            let shard = shard_of(key, shards);
+            if let Some(expected) = copied_shard {
+                if shard != expected {
+                    return Err(FormatError::invalid(format!(
+                        "{source}: key {key} belongs to shard {shard} of {shards}, not to shard \
+                         {expected}; the data was sharded with another shard count or hash \
+                         (use pmod(xxhash64(key), {shards})), or publish it unsharded"
+                    )));
+                }
+                continue;
+            }
+            let s = &mut t.shards[shard as usize];
             s.keys.push(key);
             if deleted {
                 // A delete carries no value; store zeros so readers see a full row.
@@ -634,65 +816,170 @@ impl VersionWriter {
                 s.deleted.push(deleted);
             }
         }
-        let _ = model;
-        let group = self.group_rows(self.table.as_ref().map_or(1, |t| t.dim));
-        for s in 0..self.shards as usize {
-            let full = self.table.as_ref().is_some_and(|t| t.shards[s].keys.len() >= group);
-            if full {
-                self.flush_shard(s, false).await?;
+        Ok(())
+    }
+
+    /// Uploads a pre-sharded Parquet file unchanged, after checking every row of it.
+    async fn copy_sharded(
+        &mut self,
+        path: &Path,
+        shard: u32,
+        p: &mut PublishProgress,
+        progress: &(dyn Fn(&PublishProgress) + Send + Sync),
+    ) -> Result<()> {
+        if shard >= self.shards {
+            return Err(FormatError::invalid(format!(
+                "{}: shard {shard} does not exist in a model of {} shards",
+                path.display(),
+                self.shards
+            )));
+        }
+        let (table, dim) = match &self.table {
+            Some(t) => (t.name.clone(), t.dim),
+            None => return Err(FormatError::invalid("copy outside a table")),
+        };
+        let source = path.display().to_string();
+        let rows_before = p.rows;
+        let mut src = ParquetRows::new(
+            std::fs::File::open(path).map_err(|e| FormatError::local_io(path, "cannot open input", e))?,
+            dim,
+            &source,
+        )?;
+        while let Some(batch) = src.next_batch()? {
+            self.check_and_route(&batch, &source, Some(shard))?;
+            p.rows += batch.len() as u64;
+            progress(p);
+        }
+        let uri = self.repo.uri().to_string();
+        let n = self.table.as_ref().map_or(0, |t| t.files.len());
+        let rel = format!("{table}/part-{shard:05}-c{n:04}-{}.parquet", self.token);
+        let dest = format!("{}{rel}", self.dir);
+        let storage_err = |e| FormatError::storage(format!("{uri}: writing {dest}"), e);
+        let mut writer = self.repo.op().writer_with(&dest).chunk(8 << 20).await.map_err(storage_err)?;
+        self.written.push(dest.clone());
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| FormatError::local_io(path, "cannot open input", e))?;
+        let (mut crc, mut bytes) = (0u32, 0u64);
+        loop {
+            use tokio::io::AsyncReadExt;
+            let mut buf = Vec::with_capacity(8 << 20);
+            let got = (&mut file)
+                .take(8 << 20)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| FormatError::local_io(path, "cannot read input", e))?;
+            if got == 0 {
+                break;
             }
+            crc = crc32c::crc32c_append(crc, &buf);
+            bytes += got as u64;
+            if let Err(e) = writer.write(buf).await {
+                let _ = writer.abort().await;
+                return Err(storage_err(e));
+            }
+        }
+        writer.close().await.map_err(storage_err)?;
+        let entry = FileEntry {
+            path: rel,
+            format: "parquet".into(),
+            shard: Some(shard),
+            rows: p.rows - rows_before,
+            bytes,
+            checksum: checksum_string(crc),
+        };
+        if let Some(t) = self.table.as_mut() {
+            t.files.push(entry);
+        }
+        self.files_written += 1;
+        p.files_written = self.files_written;
+        Ok(())
+    }
+
+    /// Encodes the buffered rows of shard `s` as row groups of at most `group_rows` rows,
+    /// rolling to a new file whenever one reaches `file_rows`; with `close`, writes every
+    /// buffered row and closes the shard's file.
+    async fn flush_shard(&mut self, s: usize, close: bool) -> Result<()> {
+        let dim = self.table.as_ref().map_or(1, |t| t.dim);
+        let file_rows = self.file_rows(dim);
+        let group = self.group_rows(dim);
+        loop {
+            let (buffered, in_file) = {
+                let Some(t) = self.table.as_ref() else { return Ok(()) };
+                let b = &t.shards[s];
+                (b.keys.len(), b.open.as_ref().map_or(0, |o| o.rows))
+            };
+            if buffered == 0 || (!close && buffered < group) {
+                break;
+            }
+            let n = buffered.min(group).min((file_rows - in_file.min(file_rows - 1)) as usize).max(1);
+            self.write_group(s, n).await?;
+            let full = self.table.as_ref().is_some_and(|t| t.shards[s].open.as_ref().is_some_and(|o| o.rows >= file_rows));
+            if full {
+                self.close_part(s).await?;
+            }
+        }
+        if close {
+            self.close_part(s).await?;
         }
         Ok(())
     }
 
-    /// Encodes the buffered rows of shard `s` as one row group; rolls or closes its file.
-    async fn flush_shard(&mut self, s: usize, close: bool) -> Result<()> {
-        let file_rows = self.file_rows(self.table.as_ref().map_or(1, |t| t.dim));
+    /// Encodes the first `n` buffered rows of shard `s` as one row group of its open file.
+    async fn write_group(&mut self, s: usize, n: usize) -> Result<()> {
         let uri = self.repo.uri().to_string();
         let kind = self.kind;
         let t = self.table.as_mut().ok_or_else(|| FormatError::invalid("flush outside a table"))?;
         let dim = t.dim;
         let buf = &mut t.shards[s];
-        if !buf.keys.is_empty() {
-            if buf.open.is_none() {
-                let rel = format!("{}/part-{s:05}-{:04}-{}.parquet", t.name, buf.part, self.token);
-                let path = format!("{}{rel}", self.dir);
-                let writer = self
-                    .repo
-                    .op()
-                    .writer_with(&path)
-                    .chunk(8 << 20)
-                    .await
-                    .map_err(|e| FormatError::storage(format!("{uri}: writing {path}"), e))?;
-                self.written.push(path.clone());
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::UNCOMPRESSED)
-                    .set_dictionary_enabled(false)
-                    .set_max_row_group_row_count(Some(1 << 20))
-                    .build();
-                let encoder = ArrowWriter::try_new(Vec::new(), schema(dim, kind), Some(props))
-                    .map_err(|e| FormatError::invalid(format!("cannot encode {path}: {e}")))?;
-                buf.part += 1;
-                buf.open = Some(OpenPart { rel, path, writer, encoder, crc: 0, bytes: 0, rows: 0 });
-            }
-            let Some(open) = buf.open.as_mut() else { return Ok(()) };
-            let n = buf.keys.len();
-            let batch = record_batch(dim, kind, std::mem::take(&mut buf.keys), std::mem::take(&mut buf.values), std::mem::take(&mut buf.deleted))?;
-            let open_path = open.path.clone();
-            let enc_err = |e: parquet::errors::ParquetError| FormatError::invalid(format!("encoding {open_path}: {e}"));
-            open.encoder.write(&batch).map_err(enc_err)?;
-            open.encoder.flush().map_err(enc_err)?;
-            open.encoder
-                .sync()
-                .map_err(|e| FormatError::new(ErrorKind::Io, format!("encoding {}: {e}", open.path)))?;
-            let bytes = std::mem::take(open.encoder.inner_mut());
-            open.rows += n as u64;
-            write_part(open, bytes, &uri).await?;
+        if buf.open.is_none() {
+            let rel = if self.shard_dirs {
+                format!("shard={s}/part-{:04}-{}.parquet", buf.part, self.token)
+            } else {
+                format!("{}/part-{s:05}-{:04}-{}.parquet", t.name, buf.part, self.token)
+            };
+            let path = format!("{}{rel}", self.dir);
+            let writer = self
+                .repo
+                .op()
+                .writer_with(&path)
+                .chunk(8 << 20)
+                .await
+                .map_err(|e| FormatError::storage(format!("{uri}: writing {path}"), e))?;
+            self.written.push(path.clone());
+            let props = WriterProperties::builder()
+                .set_compression(Compression::UNCOMPRESSED)
+                .set_dictionary_enabled(false)
+                .set_max_row_group_row_count(Some(1 << 20))
+                .build();
+            let encoder = ArrowWriter::try_new(Vec::new(), schema(dim, kind), Some(props))
+                .map_err(|e| FormatError::invalid(format!("cannot encode {path}: {e}")))?;
+            buf.part += 1;
+            buf.open = Some(OpenPart { rel, path, writer, encoder, crc: 0, bytes: 0, rows: 0 });
         }
-        let roll = buf.open.as_ref().is_some_and(|o| o.rows >= file_rows);
-        if (close || roll)
-            && let Some(open) = buf.open.take()
-        {
+        let Some(open) = buf.open.as_mut() else { return Ok(()) };
+        let d = dim as usize;
+        let keys: Vec<u64> = buf.keys.drain(..n).collect();
+        let values: Vec<f32> = buf.values.drain(..n * d).collect();
+        let deleted: Vec<bool> = if kind == VersionKind::Delta { buf.deleted.drain(..n).collect() } else { Vec::new() };
+        let batch = record_batch(dim, kind, keys, values, deleted)?;
+        let open_path = open.path.clone();
+        let enc_err = |e: parquet::errors::ParquetError| FormatError::invalid(format!("encoding {open_path}: {e}"));
+        open.encoder.write(&batch).map_err(enc_err)?;
+        open.encoder.flush().map_err(enc_err)?;
+        open.encoder
+            .sync()
+            .map_err(|e| FormatError::new(ErrorKind::Io, format!("encoding {}: {e}", open.path)))?;
+        let bytes = std::mem::take(open.encoder.inner_mut());
+        open.rows += n as u64;
+        write_part(open, bytes, &uri).await
+    }
+
+    /// Closes the open file of shard `s`, if any, and records it.
+    async fn close_part(&mut self, s: usize) -> Result<()> {
+        let uri = self.repo.uri().to_string();
+        let Some(t) = self.table.as_mut() else { return Ok(()) };
+        if let Some(open) = t.shards[s].open.take() {
             let entry = finish_part(open, s as u32, &uri).await?;
             t.files.push(entry);
             self.files_written += 1;
@@ -757,7 +1044,12 @@ impl VersionWriter {
                     self.version, self.model
                 )));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The write may have left part of a manifest; remove it so the version reads as
+                // aborted. (Not after a Conflict: that manifest belongs to another publisher.)
+                let _ = self.repo.delete(&path).await;
+                return Err(e);
+            }
         }
         self.written.clear();
         Ok(PublishSummary { model: self.model.clone(), version: self.version, kind: self.kind, rows })

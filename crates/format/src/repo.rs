@@ -356,6 +356,14 @@ impl Repository {
         let path = format!("{}{MANIFEST}", Self::dir_of(model, kind, version));
         let Some(bytes) = self.read_bytes(&path).await? else { return Ok(None) };
         let what = format!("{}/{path}", self.uri());
+        // A manifest cut short is a commit that never completed (a torn write on a storage
+        // without atomic writes, its cleanup interrupted): the version is aborted, not damaged.
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && e.is_eof()
+        {
+            tracing::warn!(%what, "incomplete manifest: the version is treated as aborted");
+            return Ok(None);
+        }
         let m: Manifest = parse_versioned(&bytes, &what)?;
         check_manifest(&m, model, version, checkpoint, &what)?;
         Ok(Some(m))

@@ -133,7 +133,9 @@ mod tests {
 
     #[test]
     fn bitmap_is_lsb_first() {
-        let found = [true, false, false, true, false, false, false, false, false, true];
+        let found = [
+            true, false, false, true, false, false, false, false, false, true,
+        ];
         let mut buf = BytesMut::new();
         put_bitmap(&mut buf, &found);
         assert_eq!(&buf[..], &[0b0000_1001, 0b0000_0010]);

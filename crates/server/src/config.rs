@@ -179,7 +179,10 @@ impl ServerConfig {
         if self.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 setting: "max_message_bytes",
-                message: format!("{} bytes is too small; give at least 1KiB", self.max_message_bytes),
+                message: format!(
+                    "{} bytes is too small; give at least 1KiB",
+                    self.max_message_bytes
+                ),
             });
         }
         if self.poll_interval.is_zero() {
@@ -258,9 +261,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?}; use ms, s, m or h"
-            ));
+            return Err(format!("{s:?}: unknown unit {other:?}; use ms, s, m or h"));
         }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
@@ -286,7 +287,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        other => return Err(format!("{s:?}: unknown unit {other:?}; use KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?}; use KiB, MiB, GiB or TiB"
+            ));
+        }
     };
     let bytes = value * scale;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
@@ -324,9 +329,8 @@ enum DurationValue {
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match DurationValue::deserialize(d)? {
-        DurationValue::Seconds(s) => {
-            Duration::try_from_secs_f64(s).map_err(|_| serde::de::Error::custom(format!("{s} seconds is out of range")))
-        }
+        DurationValue::Seconds(s) => Duration::try_from_secs_f64(s)
+            .map_err(|_| serde::de::Error::custom(format!("{s} seconds is out of range"))),
         DurationValue::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
 }
@@ -374,7 +378,10 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.repo, "s3://bucket/models");
-        assert_eq!(config.models, Some(vec!["ctr".to_string(), "cvr".to_string()]));
+        assert_eq!(
+            config.models,
+            Some(vec!["ctr".to_string(), "cvr".to_string()])
+        );
         assert_eq!(config.memory_limit, Some(8 << 30));
         assert_eq!(config.poll_interval, Duration::from_millis(250));
         assert_eq!(config.wal_sync, WalSyncSetting::Always);

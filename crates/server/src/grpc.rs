@@ -137,7 +137,10 @@ impl HoppsService {
     fn lookup_rows(&self, req: &v1::LookupRequest) -> Result<(v1::LookupResponse, u64), Status> {
         let node = &self.node;
         if !req.keys.len().is_multiple_of(packed::KEY_BYTES) {
-            return Err(keys_error(&lookup_what(&req.model, &req.table), req.keys.len()));
+            return Err(keys_error(
+                &lookup_what(&req.model, &req.table),
+                req.keys.len(),
+            ));
         }
         let count = req.keys.len() / packed::KEY_BYTES;
         if count > node.limits.max_keys_per_request {
@@ -223,11 +226,13 @@ impl HoppsService {
             // All tables' keys one after the other in one buffer.
             scratch.keys.clear();
             for t in &req.tables {
-                scratch.keys.extend(t.keys.chunks_exact(packed::KEY_BYTES).map(|c| {
-                    let mut word = [0u8; packed::KEY_BYTES];
-                    word.copy_from_slice(c);
-                    u64::from_le_bytes(word)
-                }));
+                scratch
+                    .keys
+                    .extend(t.keys.chunks_exact(packed::KEY_BYTES).map(|c| {
+                        let mut word = [0u8; packed::KEY_BYTES];
+                        word.copy_from_slice(c);
+                        u64::from_le_bytes(word)
+                    }));
             }
             let keys = std::mem::take(&mut scratch.keys);
             let (mut out, mut found) = scratch.outputs(floats, total);
@@ -356,10 +361,9 @@ impl Hopps for HoppsService {
         let req = request.into_inner();
         let result = self.lookup_rows(&req);
         let engine = &self.node.engine;
-        let metrics = self
-            .node
-            .metrics
-            .table(&req.model, &req.table, || engine.table_meta(&req.model, &req.table).is_ok());
+        let metrics = self.node.metrics.table(&req.model, &req.table, || {
+            engine.table_meta(&req.model, &req.table).is_ok()
+        });
         let keys = (req.keys.len() / packed::KEY_BYTES) as u64;
         match result {
             Ok((reply, misses)) => {
@@ -398,7 +402,9 @@ impl Hopps for HoppsService {
                 let table = req.tables.first().map_or("", |t| t.table.as_str());
                 self.node
                     .metrics
-                    .table(&req.model, table, || engine.table_meta(&req.model, table).is_ok())
+                    .table(&req.model, table, || {
+                        engine.table_meta(&req.model, table).is_ok()
+                    })
                     .lookup(status.code(), 0, 0, elapsed);
                 Err(status)
             }

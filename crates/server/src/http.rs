@@ -33,7 +33,10 @@ pub(crate) fn router(node: Arc<Node>, exporter: PrometheusHandle) -> Router {
 async fn metrics(State(state): State<AdminState>) -> Response {
     crate::metrics::record_status(&state.node.engine.status());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.exporter.render(),
     )
         .into_response()
@@ -131,12 +134,18 @@ fn render_page(view: &StatusView) -> String {
          memory {used} of {limit} · WAL {wal}</p>\
          <p><a href=\"/status\">/status</a> (JSON) · <a href=\"/metrics\">/metrics</a> · <a href=\"/readyz\">/readyz</a></p>",
         node = escape(&view.node_id),
-        ready = if view.ready { "ready" } else { "<b class=\"bad\">not ready</b>" },
+        ready = if view.ready {
+            "ready"
+        } else {
+            "<b class=\"bad\">not ready</b>"
+        },
         version = view.version,
         uptime = view.uptime_seconds,
         repo = escape(&view.repository),
         used = human_bytes(view.memory_used_bytes),
-        limit = view.memory_limit_bytes.map_or_else(|| "no limit".to_string(), human_bytes),
+        limit = view
+            .memory_limit_bytes
+            .map_or_else(|| "no limit".to_string(), human_bytes),
         wal = human_bytes(view.wal_bytes),
     );
     html.push_str(
@@ -210,7 +219,10 @@ mod tests {
 
     #[test]
     fn html_is_escaped_and_bytes_are_readable() {
-        assert_eq!(escape("<a href=\"x\">&"), "&lt;a href=&quot;x&quot;&gt;&amp;");
+        assert_eq!(
+            escape("<a href=\"x\">&"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;"
+        );
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");

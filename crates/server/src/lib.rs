@@ -27,7 +27,6 @@ mod grpc;
 mod http;
 mod metrics;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,11 +152,7 @@ impl Server {
         reporter
             .set_service_status(hopps_proto::HOPPS_SERVICE, ServingStatus::NotServing)
             .await;
-        let readiness = tokio::spawn(track_readiness(
-            engine.clone(),
-            reporter,
-            shutdown.clone(),
-        ));
+        let readiness = tokio::spawn(track_readiness(engine.clone(), reporter, shutdown.clone()));
         let upkeep = metrics::spawn_upkeep(self.exporter.clone());
         let loader = tokio::spawn(load_then_watch(engine.clone(), shutdown.clone()));
 
@@ -220,10 +215,8 @@ fn local(listener: &TcpListener) -> String {
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).
-fn signalled(mut shutdown: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    }
+async fn signalled(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Loads every configured model, then runs the repository watcher until shutdown.
@@ -247,7 +240,9 @@ fn log_loaded(engine: &Engine, started: Instant) {
     let status = engine.status();
     for m in &status.models {
         match &m.last_error {
-            Some(err) => tracing::error!(model = %m.name, state = %m.state, error = %err, "model not loaded"),
+            Some(err) => {
+                tracing::error!(model = %m.name, state = %m.state, error = %err, "model not loaded")
+            }
             None => tracing::info!(
                 model = %m.name,
                 version = ?m.serving_version,

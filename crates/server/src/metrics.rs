@@ -85,7 +85,10 @@ const CODES: [Code; 7] = [
 ];
 
 fn code_index(code: Code) -> usize {
-    CODES.iter().position(|c| *c == code).unwrap_or(CODES.len() - 1)
+    CODES
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or(CODES.len() - 1)
 }
 
 /// Request metrics of one (model, table).

@@ -106,8 +106,12 @@ async fn start() -> Node {
     ))
     .await
     .expect("engine");
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let grpc_addr = grpc.local_addr().expect("addr").to_string();
     let admin_addr = admin.local_addr().expect("addr").to_string();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -121,7 +125,10 @@ async fn start() -> Node {
         task,
         _dir: dir,
     };
-    wait_until("ready", || async { http_get(&node.admin, "/readyz").0 == 200 }).await;
+    wait_until("ready", || async {
+        http_get(&node.admin, "/readyz").0 == 200
+    })
+    .await;
     node
 }
 
@@ -187,23 +194,38 @@ async fn lookups_policies_errors_and_deltas() {
     assert_eq!(a.found, vec![true, false]);
     assert_eq!(a.row(1), b.row(0), "per-key init is deterministic");
     let init = a.row(1).expect("row");
-    assert!(init.iter().all(|v| v.abs() <= 0.5) && init.iter().any(|v| *v != 0.0), "{init:?}");
+    assert!(
+        init.iter().all(|v| v.abs() <= 0.5) && init.iter().any(|v| *v != 0.0),
+        "{init:?}"
+    );
 
     // Error policy: NOT_FOUND naming the key.
-    let err = client.lookup("m", "e", &[1, 777]).await.expect_err("missing key");
+    let err = client
+        .lookup("m", "e", &[1, 777])
+        .await
+        .expect_err("missing key");
     assert_eq!(code(&err), Some(Code::NotFound), "{err}");
     assert!(err.to_string().contains("777"), "{err}");
 
     // Unknown model and table.
-    let err = client.lookup("nope", "t", &[1]).await.expect_err("unknown model");
+    let err = client
+        .lookup("nope", "t", &[1])
+        .await
+        .expect_err("unknown model");
     assert_eq!(code(&err), Some(Code::NotFound), "{err}");
     assert!(err.to_string().contains("nope"), "{err}");
-    let err = client.lookup("m", "nope", &[1]).await.expect_err("unknown table");
+    let err = client
+        .lookup("m", "nope", &[1])
+        .await
+        .expect_err("unknown table");
     assert_eq!(code(&err), Some(Code::NotFound), "{err}");
 
     // Too many keys (limit 2000) and an oversized message (limit 64 KiB).
     let many: Vec<u64> = (0..2001).collect();
-    let err = client.lookup("m", "t", &many).await.expect_err("too many keys");
+    let err = client
+        .lookup("m", "t", &many)
+        .await
+        .expect_err("too many keys");
     assert_eq!(code(&err), Some(Code::ResourceExhausted), "{err}");
     assert!(err.to_string().contains("2001"), "{err}");
     let huge: Vec<u64> = (0..10_000).collect();
@@ -225,7 +247,11 @@ async fn lookups_policies_errors_and_deltas() {
         .await
         .expect_err("ragged keys");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().contains("multiple of 8"), "{}", status.message());
+    assert!(
+        status.message().contains("multiple of 8"),
+        "{}",
+        status.message()
+    );
 
     // Multi-lookup reads several tables at one version.
     let multi = client
@@ -265,7 +291,10 @@ async fn lookups_policies_errors_and_deltas() {
             .is_ok_and(|r| r.version == 2)
     })
     .await;
-    let rows = client.lookup("m", "t", &[7, 5000, 8]).await.expect("lookup");
+    let rows = client
+        .lookup("m", "t", &[7, 5000, 8])
+        .await
+        .expect("lookup");
     assert_eq!(rows.found, vec![true, true, true]);
     let mut expected = rows_of(2, &[7, 5000], DIM);
     expected.extend(rows_of(1, &[8], DIM));
@@ -274,7 +303,11 @@ async fn lookups_policies_errors_and_deltas() {
     // Status over gRPC and HTTP agree.
     let status = client.status().await.expect("status");
     assert!(status.ready);
-    let m = status.models.iter().find(|m| m.name == "m").expect("model m");
+    let m = status
+        .models
+        .iter()
+        .find(|m| m.name == "m")
+        .expect("model m");
     assert_eq!(m.serving_version, Some(2));
     assert_eq!(m.state, "serving");
     let (code_http, body) = http_get(&node.admin, "/status");
@@ -294,13 +327,26 @@ async fn lookups_policies_errors_and_deltas() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in\n{metrics}"))
     };
-    assert!(sample("hopps_lookup_requests_total", r#"model="m",table="t",code="ok""#) >= 3.0);
-    assert!(sample("hopps_lookup_requests_total", r#"model="m",table="e",code="not_found""#) >= 1.0);
+    assert!(
+        sample(
+            "hopps_lookup_requests_total",
+            r#"model="m",table="t",code="ok""#
+        ) >= 3.0
+    );
+    assert!(
+        sample(
+            "hopps_lookup_requests_total",
+            r#"model="m",table="e",code="not_found""#
+        ) >= 1.0
+    );
     assert!(sample("hopps_lookup_misses_total", r#"model="m",table="t""#) >= 1.0);
     assert_eq!(sample("hopps_model_serving_version", r#"model="m""#), 2.0);
     assert_eq!(sample("hopps_ready", ""), 1.0);
     assert_eq!(sample("hopps_table_rows", r#"model="m",table="t""#), 1001.0);
-    assert!(metrics.contains("hopps_lookup_duration_seconds_bucket"), "histogram buckets");
+    assert!(
+        metrics.contains("hopps_lookup_duration_seconds_bucket"),
+        "histogram buckets"
+    );
 
     // Graceful stop.
     node.stop.send(true).expect("stop");

@@ -239,6 +239,18 @@ impl Buckets {
         prefetch(&b[ROWS - 1]);
     }
 
+    /// Prefetches a whole bucket (for the writer, which most often writes into the home).
+    #[inline(always)]
+    pub(crate) fn prefetch_bucket(&self, home: usize) {
+        let b = self.bucket(home);
+        for w in b.iter().step_by(16) {
+            prefetch(w);
+        }
+        if let Some(last) = b.last() {
+            prefetch(last);
+        }
+    }
+
     /// Prefetches the headers of the other buckets the home's bitmap names.
     #[inline(always)]
     pub(crate) fn prefetch_candidates(&self, home: usize) {

@@ -160,20 +160,24 @@ impl Table {
         let copy = stride.min(self.row_bytes);
         let b = self.shared.pin();
         let mut n = 0;
+        // Homes of the window, computed once (on the stack: no allocation per call).
+        let mut homes = [0usize; WINDOW];
         for (w, window) in keys.chunks(WINDOW).enumerate() {
-            for &k in window {
-                b.prefetch_home(b.home(k));
+            let homes = &mut homes[..window.len()];
+            for (h, &k) in homes.iter_mut().zip(window) {
+                *h = b.home(k);
+                b.prefetch_home(*h);
             }
-            for &k in window {
-                b.prefetch_candidates(b.home(k));
+            for &h in homes.iter() {
+                b.prefetch_candidates(h);
             }
-            for &k in window {
-                b.prefetch_row(k, b.home(k));
+            for (&h, &k) in homes.iter().zip(window) {
+                b.prefetch_row(k, h);
             }
-            for (j, &k) in window.iter().enumerate() {
+            for (j, (&h, &k)) in homes.iter().zip(window).enumerate() {
                 let i = w * WINDOW + j;
                 let at = i * stride;
-                let hit = b.read(k, b.home(k), &mut out[at..at + copy]);
+                let hit = b.read(k, h, &mut out[at..at + copy]);
                 if let Some(f) = found.get_mut(i) {
                     *f = hit;
                 }
@@ -207,12 +211,8 @@ impl Table {
         }
         let mut w = self.writer.lock();
         self.reclaim(&mut w);
-        let need = self.len() + keys.len();
-        if need as f64 > self.capacity() as f64 * MAX_LOAD {
-            // Worst case all keys are new: grow once instead of step by step.
-            let w = &mut *w;
-            self.rebuild(w, slots_for(need));
-        }
+        // No growth up front: most batches of a running table are overwrites. Bulk loads size
+        // the table first (`with_capacity` or `reserve`).
         for (window, rows) in keys
             .chunks(WINDOW)
             .zip(rows.chunks(WINDOW * self.row_bytes.max(1)))
@@ -220,7 +220,7 @@ impl Table {
             {
                 let b = self.shared.current(&w.token);
                 for &k in window {
-                    b.prefetch_home(b.home(k));
+                    b.prefetch_bucket(b.home(k));
                 }
             }
             for (i, &k) in window.iter().enumerate() {

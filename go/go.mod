@@ -1,0 +1,3 @@
+module github.com/hopps-rs/hopps/go
+
+go 1.19
