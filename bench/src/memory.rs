@@ -152,6 +152,8 @@ async fn measure(sides: &Sides, rows: u64, dim: u32) -> anyhow::Result<Record> {
             ratio(hopps_per_key, redis_per_key).unwrap_or(f64::NAN),
         )
         .num("hopps_rss_bytes_per_key", hopps_rss_per_key)
+        .set("hopps_rss_bytes", hopps_rss)
+        .set("hopps_baseline_rss_bytes", baseline_rss)
         .num("redis_rss_bytes_per_key", redis_rss_per_key)
         .num(
             "rss_ratio",

@@ -13,13 +13,16 @@ What it does, all on 127.0.0.1, in a temporary directory it removes at the end:
 3. starts Prometheus scraping both nodes every second as job "hopps", with the alert rules of
    deploy/prometheus/hopps-alerts.yaml evaluated every second (their `for:` durations shortened
    to a few seconds, their expressions unchanged);
-4. drives lookups (hits, misses, errors), online writes and a big load;
+4. publishes a second model while the nodes run (both must pick it up), then drives lookups
+   (hits, misses, errors), online writes and a big load;
 5. checks that every dashboard query and variable, every alert expression (and the signal it
    compares with its threshold) and the prometheus-adapter query parse and return a series with
    a value, and that every rule evaluates without error;
 6. makes alerts fire for real: a version refused on node "a" (HoppsLoadFailed), deltas piling up
    behind it (HoppsVersionLagHigh), node "b" killed (HoppsNodeDown, HoppsTooFewReadyNodes);
-7. compares the sizing formula of docs/operations.md with hopps_table_bytes_per_entry.
+7. compares the sizing formula of docs/operations.md with hopps_table_bytes_per_entry;
+8. checks that every `hopps` command docs/operations.md shows exists with its flags, and (with
+   --etcd) that the etcd component's flags start a real etcd that passes its probe.
 
 Every wait polls with a deadline. Prints one line per check and "N passed, N failed".
 """
@@ -315,6 +318,16 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
     dash = json.loads(DASHBOARD.read_text())
     rules = yaml.safe_load(RULES.read_text())
 
+    # 0. the commands the operator's guide tells people to run exist, with those flags
+    commands = documented_commands()
+    ensure(len(commands) >= 8, f"found only {len(commands)} hopps commands in docs/operations.md")
+    for command in commands:
+        runner.check(f"docs/operations.md: `{command}`", lambda c=command: check_documented_command(args.hopps, c))
+
+    if args.etcd:
+        runner.check("the etcd component's flags start a real etcd that passes its probe",
+                     lambda: check_etcd_component(env, args.etcd))
+
     # 1. the model and the nodes
     v1 = env.publish_csv("v1", range(SMALL_ROWS), 0.5, delta=False)
     ensure(v1.get("version"), f"publish printed {v1}")
@@ -343,6 +356,19 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
 
     runner.check("the trial overlay's config file and environment start two nodes; Prometheus "
               "scrapes both and both become ready", lambda: poll("both nodes up and ready", both_ready, 120))
+
+    # A model published while the nodes run is picked up by both (the trial's first model
+    # arrives this way).
+    def second_model() -> str:
+        path = env.work / "cvr.csv"
+        path.write_text("".join(f"{k},{k % 7}.5,1.25\n" for k in range(500)))
+        out = json.loads(env.hopps("model", "publish", "--repo", str(env.repo), "--model", "cvr",
+                                   "--table", "item", "--dim", "2", "--input", str(path), "--json"))
+        poll("both nodes to serve model cvr",
+             lambda: len(env.query('hopps_model_serving_version{job="hopps", model="cvr"} == %d' % out["version"])) == 2, 60)
+        return f"model cvr version {out['version']}"
+
+    runner.check("a model published while the nodes run is served by both", second_model)
 
     # 3. traffic: lookups with hits and misses on both nodes, errors, online writes
     grpc = {name: node["grpc"] for name, node in env.nodes.items()}
@@ -380,14 +406,25 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
         import base64
         keys = base64.b64encode(struct.pack("<QQ", 1, 2)).decode()
         values = base64.b64encode(struct.pack(f"<{2 * DIM}f", *([1.0] * (2 * DIM)))).decode()
-        for _ in range(10):
-            r = grpcurl(grpc["b"], "hopps.v1.Hopps/Upsert", {"model": MODEL, "table": TABLE, "keys": keys, "values": values})
-            ensure(r.returncode == 0, f"Upsert failed: {r.stdout} {r.stderr}")
-        r = grpcurl(grpc["b"], "hopps.v1.Hopps/Delete", {"model": MODEL, "table": TABLE, "keys": keys})
-        ensure(r.returncode == 0, f"Delete failed: {r.stdout} {r.stderr}")
-        # The table has no optimizer: a push is refused, which the write-error panel shows.
-        r = grpcurl(grpc["b"], "hopps.v1.Hopps/Push", {"model": MODEL, "table": TABLE, "keys": keys, "gradients": values})
-        return f"10 upserts and a delete acknowledged; a push {'refused' if r.returncode else 'accepted'}"
+
+        def round_of_writes() -> None:
+            for _ in range(5):
+                r = grpcurl(grpc["b"], "hopps.v1.Hopps/Upsert", {"model": MODEL, "table": TABLE, "keys": keys, "values": values})
+                ensure(r.returncode == 0, f"Upsert failed: {r.stdout} {r.stderr}")
+            r = grpcurl(grpc["b"], "hopps.v1.Hopps/Delete", {"model": MODEL, "table": TABLE, "keys": keys})
+            ensure(r.returncode == 0, f"Delete failed: {r.stdout} {r.stderr}")
+            # The table has no optimizer: a push is refused, which the write-error panel and
+            # HoppsWriteErrors see.
+            r = grpcurl(grpc["b"], "hopps.v1.Hopps/Push", {"model": MODEL, "table": TABLE, "keys": keys, "gradients": values})
+            ensure(r.returncode != 0, "a push to a table without an optimizer was accepted")
+
+        # Write counters appear with their first write; rate() sees increases only after
+        # Prometheus has scraped a series once, so write again once it has.
+        round_of_writes()
+        poll("the write counters in Prometheus",
+             lambda: len(env.query('hopps_write_requests_total{job="hopps"}')) >= 3, 30)
+        round_of_writes()
+        return "2 rounds of 5 upserts and a delete acknowledged, a push refused"
 
     runner.check("online writes", writes)
 
@@ -431,6 +468,62 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
               lambda: wait_alert(env, "HoppsNodeDown", {"instance": env.nodes["b"]["admin"]}))
     runner.check("one of two nodes ready: HoppsTooFewReadyNodes fires",
               lambda: wait_alert(env, "HoppsTooFewReadyNodes", {"job": "hopps"}))
+
+
+def documented_commands() -> list[str]:
+    """The `hopps ...` command lines of docs/operations.md: in indented code blocks (with their
+    backslash continuations joined) and in inline code."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)
+    commands = re.findall(r"^\s{4,}(?:kubectl .*? -- )?(hopps [^\n#]*)", text, re.M)
+    commands += re.findall(r"`(hopps [^`]*)`", text)
+    return sorted({c.strip() for c in commands})
+
+
+def check_documented_command(hopps: str, command: str) -> str:
+    words = command.split()[1:]
+    path = []
+    for w in words:
+        if not re.fullmatch(r"[a-z]+", w):
+            break
+        path.append(w)
+    proc = subprocess.run([hopps, *path, "--help"], capture_output=True, text=True, timeout=30)
+    ensure(proc.returncode == 0, f"`hopps {' '.join(path)} --help` failed: {proc.stderr.strip()}")
+    ensure(not re.search(r"^Commands:", proc.stdout, re.M) or len(path) == len(words),
+           f"`hopps {' '.join(path)}` needs a subcommand")
+    flags = [w.split("=")[0] for w in words if w.startswith("--")]
+    missing = [f for f in flags if f != "--help" and not re.search(rf"{re.escape(f)}\b", proc.stdout)]
+    ensure(not missing, f"`hopps {' '.join(path)}` has no {', '.join(missing)}")
+    return " ".join(path)
+
+
+def check_etcd_component(env: Environment, etcd: str) -> str:
+    """Starts a real etcd with the flags of deploy/k8s/components/etcd, its addresses moved to
+    127.0.0.1 and its data directory to the test's, and waits for its readiness endpoint."""
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "components" / "etcd" / "etcd.yaml").read_text()))
+    sts = [d for d in docs if d and d["kind"] == "StatefulSet"][0]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    client, peer = free_port(), free_port()
+    data = env.work / "etcd"
+    argv = [etcd]
+    for arg in container["command"][1:]:
+        flag, _, value = arg.partition("=")
+        value = re.sub(r"http://[a-z0-9.-]+:2379", f"http://127.0.0.1:{client}", value)
+        value = re.sub(r"http://[a-z0-9.-]+:2380", f"http://127.0.0.1:{peer}", value)
+        if flag == "--data-dir":
+            value = str(data)
+        argv.append(f"{flag}={value}")
+    proc = env.spawn("etcd", argv)
+    probe = sts["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
+
+    def healthy():
+        ensure(proc.poll() is None, f"etcd exited with {proc.returncode}:\n{env.tail('etcd')}")
+        status, body = http_get(f"http://127.0.0.1:{client}{probe}")
+        return status == 200 and b"true" in body
+
+    poll("etcd to answer its readiness probe", healthy, 60)
+    env.stop("etcd")
+    return f"{len(argv) - 1} flags, {probe} answered 200"
 
 
 def expect_data(env: Environment, expr: str) -> str:
@@ -510,6 +603,7 @@ def main() -> int:
     parser.add_argument("--kubectl", required=True)
     parser.add_argument("--prometheus", required=True)
     parser.add_argument("--grpcurl", required=True)
+    parser.add_argument("--etcd", help="an etcd binary: also start the etcd component's etcd")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     runner = Runner()

@@ -163,8 +163,8 @@ SECTIONS = [
     (
         "Tables and memory",
         [
-            ("Load factor", "Rows per slot of each hash table. Bulk loads size tables to about "
-             "0.95; alert above 0.97 for 15 minutes.",
+            ("Load factor", "Rows per slot of each hash table. Bulk loads size tables to "
+             "0.90-0.95; alert above 0.97 for 15 minutes.",
              "timeseries", "percentunit", 12,
              [(f"max by (model, table) (hopps_table_load_factor{{{TABLE}}})", "{{model}}/{{table}}")],
              {"thresholds": [("green", None), ("red", 0.97)], "min": 0, "max": 1}),

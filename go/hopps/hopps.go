@@ -156,8 +156,22 @@ type Client struct {
 	// so the handle is never freed under a call in flight.
 	mu     sync.RWMutex
 	handle *C.hopps_client
-	// dims caches each table's dim ("model\x00table" -> uint32) to size lookup buffers.
-	dims sync.Map
+	// dims caches each table's dim to size lookup buffers.
+	dimsMu sync.RWMutex
+	dims   map[tableRef]uint32
+}
+
+// tableRef names a table of a model.
+type tableRef struct{ model, table string }
+
+// opName names a call for its error messages; formatted only when a call fails.
+type opName struct{ verb, model, table string }
+
+func (o opName) String() string {
+	if o.table == "" {
+		return fmt.Sprintf("%s %q", o.verb, o.model)
+	}
+	return fmt.Sprintf("%s %q/%q", o.verb, o.model, o.table)
 }
 
 // Dial connects to the hopps node at addr ("host:port" or "http://host:port").
@@ -171,9 +185,9 @@ func Dial(addr string, opts ...Option) (*Client, error) {
 	var handle *C.hopps_client
 	var cerr *C.hopps_error
 	if rc := C.hopps_connect(caddr, &options, &handle, &cerr); rc != C.HOPPS_OK {
-		return nil, takeError(fmt.Sprintf("dial %s", addr), rc, cerr)
+		return nil, takeError(opName{verb: "dial", model: addr}, rc, cerr)
 	}
-	return &Client{addr: addr, handle: handle}, nil
+	return &Client{addr: addr, handle: handle, dims: make(map[tableRef]uint32)}, nil
 }
 
 // Addr is the address the client was dialled with.
@@ -192,8 +206,8 @@ func (c *Client) Close() error {
 }
 
 // takeError turns a failed libhopps call into an *Error and frees the C error.
-func takeError(op string, rc C.int32_t, cerr *C.hopps_error) error {
-	err := &Error{Op: op, Code: Code(rc)}
+func takeError(op opName, rc C.int32_t, cerr *C.hopps_error) error {
+	err := &Error{Op: op.String(), Code: Code(rc)}
 	if cerr != nil {
 		err.Message = C.GoString(C.hopps_error_message(cerr))
 		C.hopps_error_free(cerr)
@@ -210,7 +224,7 @@ type cCall func(handle *C.hopps_client, timeoutMs C.uint32_t, cerr **C.hopps_err
 // first, do returns ctx.Err() at once. The abandoned C call ends by its own deadline; its
 // results go nowhere, as every buffer it writes belongs to this call alone, and every C string
 // it reads is allocated and freed inside call itself, so nothing is freed under it.
-func (c *Client) do(ctx context.Context, op string, call cCall) error {
+func (c *Client) do(ctx context.Context, op opName, call cCall) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -269,26 +283,34 @@ func withNames(model, table string, call func(cmodel, ctable *C.char) C.int32_t)
 	return call(cmodel, ctable)
 }
 
-func dimKey(model, table string) string { return model + "\x00" + table }
-
 // TableDim is the dim of table in model, as the node reports it. Lookups learn it by
 // themselves; it is cached per client.
 func (c *Client) TableDim(ctx context.Context, model, table string) (int, error) {
-	if dim, ok := c.dims.Load(dimKey(model, table)); ok {
-		return int(dim.(uint32)), nil
+	ref := tableRef{model, table}
+	c.dimsMu.RLock()
+	dim, ok := c.dims[ref]
+	c.dimsMu.RUnlock()
+	if ok {
+		return int(dim), nil
 	}
-	var dim C.uint32_t
-	err := c.do(ctx, fmt.Sprintf("table dim %q/%q", model, table),
+	var got C.uint32_t
+	err := c.do(ctx, opName{"table dim", model, table},
 		func(h *C.hopps_client, timeout C.uint32_t, cerr **C.hopps_error) C.int32_t {
 			return withNames(model, table, func(cmodel, ctable *C.char) C.int32_t {
-				return C.hopps_table_dim(h, cmodel, ctable, &dim, timeout, cerr)
+				return C.hopps_table_dim(h, cmodel, ctable, &got, timeout, cerr)
 			})
 		})
 	if err != nil {
 		return 0, err
 	}
-	c.dims.Store(dimKey(model, table), uint32(dim))
-	return int(dim), nil
+	c.rememberDim(ref, uint32(got))
+	return int(got), nil
+}
+
+func (c *Client) rememberDim(ref tableRef, dim uint32) {
+	c.dimsMu.Lock()
+	c.dims[ref] = dim
+	c.dimsMu.Unlock()
 }
 
 // Result holds the rows of one table for a batch of keys, in key order.
@@ -323,7 +345,7 @@ func (c *Client) lookup(ctx context.Context, model, table string, keys []uint64,
 	if err != nil {
 		return nil, err
 	}
-	op := fmt.Sprintf("lookup %q/%q", model, table)
+	op := opName{"lookup", model, table}
 	n := len(keys)
 	bitmap := make([]byte, (n+7)/8)
 	// A table re-created with another dim makes the first try too small (OutOfRange with the
@@ -341,7 +363,7 @@ func (c *Client) lookup(ctx context.Context, model, table string, keys []uint64,
 		})
 		if CodeOf(err) == OutOfRange && attempt == 0 && int(gotDim) != dim {
 			dim = int(gotDim)
-			c.dims.Store(dimKey(model, table), uint32(gotDim))
+			c.rememberDim(tableRef{model, table}, uint32(gotDim))
 			continue
 		}
 		if err != nil {
@@ -377,7 +399,7 @@ type MultiResult struct {
 
 // MultiLookup reads keys from several tables of model in one call, all at one version.
 func (c *Client) MultiLookup(ctx context.Context, model string, tables []TableKeys) (*MultiResult, error) {
-	op := fmt.Sprintf("multi-lookup %q", model)
+	op := opName{verb: "multi-lookup", model: model}
 	n := len(tables)
 	if n == 0 {
 		return &MultiResult{}, nil
@@ -427,7 +449,7 @@ func (c *Client) MultiLookup(ctx context.Context, model string, tables []TableKe
 		if CodeOf(err) == OutOfRange && attempt == 0 {
 			for i := range dims {
 				dims[i] = int(gotDims[i])
-				c.dims.Store(dimKey(model, tables[i].Table), uint32(gotDims[i]))
+				c.rememberDim(tableRef{model, tables[i].Table}, uint32(gotDims[i]))
 			}
 			continue
 		}
@@ -467,7 +489,7 @@ type writeCall func(h *C.hopps_client, model, table *C.char, ack *C.hopps_write_
 
 func (c *Client) write(ctx context.Context, op, model, table string, call writeCall) (WriteAck, error) {
 	var ack C.hopps_write_ack
-	err := c.do(ctx, fmt.Sprintf("%s %q/%q", op, model, table),
+	err := c.do(ctx, opName{op, model, table},
 		func(h *C.hopps_client, timeout C.uint32_t, cerr **C.hopps_error) C.int32_t {
 			return withNames(model, table, func(cmodel, ctable *C.char) C.int32_t {
 				return call(h, cmodel, ctable, &ack, timeout, cerr)

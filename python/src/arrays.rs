@@ -77,6 +77,12 @@ pub(crate) fn keys<'py>(
     obj: &Bound<'py, PyAny>,
     what: &dyn Display,
 ) -> PyResult<PyReadonlyArray1<'py, u64>> {
+    // The common case, a contiguous uint64 vector, needs no call into numpy.
+    if let Ok(exact) = obj.cast::<PyArray1<u64>>()
+        && exact.is_c_contiguous()
+    {
+        return borrow1(exact, what, "keys");
+    }
     let arr = as_ndarray(obj).map_err(|err| conversion_failed(what, "keys", err))?;
     if arr.ndim() != 1 {
         return Err(Failure::Input(format!(
@@ -218,7 +224,7 @@ pub(crate) fn values_array(
     values: Vec<f32>,
     rows: usize,
     dim: usize,
-    what: &str,
+    what: &dyn Display,
 ) -> PyResult<Py<PyArray2<f32>>> {
     let matrix = Array2::from_shape_vec((rows, dim), values).map_err(|err| {
         Failure::Client(hopps_client::ClientError::Protocol {

@@ -346,7 +346,7 @@ impl Rows {
     fn from_client(py: Python<'_>, rows: hopps_client::Rows, call: &Call<'_>) -> PyResult<Rows> {
         let n = rows.found.len();
         let dim = rows.dim;
-        let values = arrays::values_array(py, rows.values, n, dim as usize, &call.to_string())?;
+        let values = arrays::values_array(py, rows.values, n, dim as usize, call)?;
         Ok(Rows {
             values,
             found: arrays::found_array(py, rows.found),

@@ -52,9 +52,18 @@ pub(crate) enum Failure {
     Runtime(String),
 }
 
+/// tonic's message for a call that ran past the channel's timeout.
+const TONIC_TIMEOUT: &str = "Timeout expired";
+
 /// The gRPC code a failure is reported under (and so the Python class it raises).
 pub(crate) fn code_of(failure: &Failure) -> Code {
     match failure {
+        // tonic reports its own per-request deadline as CANCELLED "Timeout expired" (and the
+        // client keeps only code and message); to a caller it is a deadline, not a cancel.
+        Failure::Client(ClientError::Status {
+            code: Code::Cancelled,
+            message,
+        }) if message == TONIC_TIMEOUT => Code::DeadlineExceeded,
         Failure::Client(err) => err.code().unwrap_or(Code::Unknown),
         Failure::Format(err) => match err.kind() {
             ErrorKind::NotFound => Code::NotFound,
@@ -122,6 +131,20 @@ mod tests {
             message_of(&failure),
             "model \"m\" is not served by this node"
         );
+    }
+
+    #[test]
+    fn a_client_side_timeout_is_a_deadline() {
+        let failure = Failure::from(ClientError::Status {
+            code: Code::Cancelled,
+            message: TONIC_TIMEOUT.to_string(),
+        });
+        assert_eq!(code_of(&failure), Code::DeadlineExceeded);
+        let cancelled = Failure::from(ClientError::Status {
+            code: Code::Cancelled,
+            message: "the client went away".to_string(),
+        });
+        assert_eq!(code_of(&cancelled), Code::Cancelled);
     }
 
     #[test]

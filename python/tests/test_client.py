@@ -113,7 +113,7 @@ def test_value_shape_and_dtype_errors(served):
     with pytest.raises(hopps.InvalidArgument) as err:
         node.client.upsert(MODEL, "user", keys, np.zeros((2, 5), dtype=np.float32))
     assert err.value.code == "INVALID_ARGUMENT"
-    assert "8" in err.value.message and "5" in err.value.message
+    assert "dim 8" in err.value.message and "\"user\"" in err.value.message
 
 
 def test_unknown_model_and_table_are_not_found(served):

@@ -308,6 +308,8 @@ impl Handle {
                 ),
             ));
         }
+        // Bits past the last key read as zero, as in a single-table lookup.
+        found[..bitmap_len(total_keys)].fill(0);
         let mut value_at = 0usize;
         let mut key_at = 0usize;
         for table in &answer.tables {

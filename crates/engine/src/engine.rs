@@ -994,11 +994,14 @@ impl Engine {
             .await
             .map_err(|e| EngineError::repository(what(), e))?;
         drop(undo_log);
-        if let Some(w) = m.wal.get() {
-            w.truncate_through(seq).await?;
-        }
         m.runtime.lock().last_checkpoint = Some(Instant::now());
-        self.apply_retention(model).await?;
+        let floor = self.apply_retention(model).await?;
+        // The log keeps every record newer than the oldest retained checkpoint, so a rebuild
+        // from any retained checkpoint (a rollback beyond the undo window) still finds the
+        // online writes made after it.
+        if let Some(w) = m.wal.get() {
+            w.truncate_through(floor.min(seq)).await?;
+        }
         let report = CheckpointReport {
             model: model.to_string(),
             version,
@@ -1017,12 +1020,15 @@ impl Engine {
         Ok(report)
     }
 
-    async fn apply_retention(&self, model: &str) -> Result<()> {
+    /// Deletes checkpoints beyond the retention count (those of rolled-back versions first,
+    /// then the oldest); returns the lowest WAL sequence a retained checkpoint includes.
+    async fn apply_retention(&self, model: &str) -> Result<u64> {
         let keep = self.inner.config.checkpoint_retention.max(1);
         let mut all = self.repo().checkpoints(model).await.map_err(|e| {
             EngineError::repository(format!("listing checkpoints of model {model}"), e)
         })?;
-        all.sort_by_key(|c| c.version);
+        let (lineage, _, _, _) = self.read_lineage(model).await?;
+        all.sort_by_key(|c| (!lineage.is_dead(c.version), c.version));
         let excess = all.len().saturating_sub(keep);
         for c in &all[..excess] {
             self.repo()
@@ -1035,7 +1041,11 @@ impl Engine {
                     )
                 })?;
         }
-        Ok(())
+        Ok(all[excess..]
+            .iter()
+            .map(|c| c.wal_sequence.unwrap_or(0))
+            .min()
+            .unwrap_or(0))
     }
 
     /// The models of this node.

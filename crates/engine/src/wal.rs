@@ -355,10 +355,13 @@ impl Wal {
                 EngineError::wal_io(format!("creating WAL segment {}", path.display()), e)
             })?;
         sync_dir(dir)?;
-        segments.push(Segment {
-            first_seq: next,
-            path,
-        });
+        // An empty newest segment of an earlier run has this very name: it is reused.
+        if segments.last().map(|s| s.first_seq) != Some(next) {
+            segments.push(Segment {
+                first_seq: next,
+                path,
+            });
+        }
         let (synced, _) = tokio::sync::watch::channel(SyncState {
             synced: next - 1,
             error: None,
@@ -505,9 +508,17 @@ impl Wal {
         let mut removed = 0u64;
         for seg in doomed {
             let len = fs::metadata(&seg.path).map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(&seg.path).map_err(|e| {
-                EngineError::wal_io(format!("deleting WAL segment {}", seg.path.display()), e)
-            })?;
+            fs::remove_file(&seg.path)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|e| {
+                    EngineError::wal_io(format!("deleting WAL segment {}", seg.path.display()), e)
+                })?;
             removed += len;
         }
         sync_dir(&shared.dir)?;

@@ -97,6 +97,9 @@ async fn run(ops: Vec<Op>, budget: u64) {
     let fx = Fixture::new().await;
     let mut c = fx.config();
     c.undo_budget_bytes = budget;
+    // Every checkpoint is kept, so the WAL keeps every record a rebuild could need (see the
+    // retention rule in the engine's ARCHITECTURE section).
+    c.checkpoint_retention = 1000;
     let base: Rows = (0..KEYS / 2).map(|k| (k, row_of(k, 1))).collect();
     let v1 = publish_full(&fx.repo, &spec(4), &base).await;
     let mut engine: Engine = fx.engine_with(c.clone()).await;

@@ -675,6 +675,8 @@ struct VersionWriter {
     table: Option<TableState>,
     done: Vec<ManifestTable>,
     written: Vec<String>,
+    /// Directories this publish may have created, deepest first after a reverse.
+    dirs: Vec<String>,
     files_written: u64,
     /// Name files `shard=<s>/part-...` (the `hopps shard` output layout) instead of
     /// `<table>/part-<s>-...` (a version directory).
@@ -702,6 +704,7 @@ impl VersionWriter {
             table: None,
             done: Vec::new(),
             written: Vec::new(),
+            dirs: Vec::new(),
             files_written: 0,
             shard_dirs: false,
         }
@@ -857,6 +860,12 @@ impl VersionWriter {
         let storage_err = |e| FormatError::storage(format!("{uri}: writing {dest}"), e);
         let mut writer = self.repo.op().writer_with(&dest).chunk(8 << 20).await.map_err(storage_err)?;
         self.written.push(dest.clone());
+        if let Some((d, _)) = dest.rsplit_once('/') {
+            let d = format!("{d}/");
+            if !self.dirs.contains(&d) {
+                self.dirs.push(d);
+            }
+        }
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| FormatError::local_io(path, "cannot open input", e))?;
@@ -947,6 +956,12 @@ impl VersionWriter {
                 .await
                 .map_err(|e| FormatError::storage(format!("{uri}: writing {path}"), e))?;
             self.written.push(path.clone());
+            if let Some((d, _)) = path.rsplit_once('/') {
+                let d = format!("{d}/");
+                if !self.dirs.contains(&d) {
+                    self.dirs.push(d);
+                }
+            }
             let props = WriterProperties::builder()
                 .set_compression(Compression::UNCOMPRESSED)
                 .set_dictionary_enabled(false)
@@ -996,8 +1011,8 @@ impl VersionWriter {
             let (key, src) = t.first_non_finite.clone().unwrap_or_default();
             return Err(FormatError::invalid(format!(
                 "model {:?} table {:?}: {} rows hold NaN or infinite values (first: key {key} in {src}); \
-                 nothing was published. Fix the training output, or pass --allow-non-finite \
-                 (allow_non_finite) to publish them anyway",
+                 fix the training output, or pass --allow-non-finite (allow_non_finite) to \
+                 publish them anyway",
                 self.model, t.name, t.non_finite
             )));
         }
@@ -1067,13 +1082,13 @@ impl VersionWriter {
         for p in std::mem::take(&mut self.written) {
             let _ = self.repo.delete(&p).await;
         }
-        if let Some(t) = &self.table {
-            let _ = self.repo.delete(&format!("{}{}/", self.dir, t.name)).await;
+        // Directories go after their files; a storage without directories ignores these.
+        for d in std::mem::take(&mut self.dirs) {
+            let _ = self.repo.delete(&d).await;
         }
-        for t in &self.done {
-            let _ = self.repo.delete(&format!("{}{}/", self.dir, t.name)).await;
+        if !self.dir.is_empty() {
+            let _ = self.repo.delete(&self.dir).await;
         }
-        let _ = self.repo.delete(&self.dir).await;
     }
 }
 

@@ -49,8 +49,12 @@ async fn committed(repo: &Repository) -> Vec<u64> {
     repo.versions("m").await.unwrap().committed.iter().map(|m| m.version).collect()
 }
 
-/// No data file of any version beyond `keep` remains in the repository.
+/// No file or directory of any version beyond `keep` remains in the repository.
 fn no_files_beyond(dir: &tempfile::TempDir, keep: u64) {
+    for e in std::fs::read_dir(dir.path().join("repo/m/versions")).unwrap().flatten() {
+        let v: u64 = e.file_name().to_str().unwrap().parse().unwrap();
+        assert!(v <= keep, "directory left behind: {}", e.path().display());
+    }
     for p in walk(&dir.path().join("repo/m/versions")) {
         let v: u64 = p
             .components()

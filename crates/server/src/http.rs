@@ -31,7 +31,14 @@ pub(crate) fn router(node: Arc<Node>, exporter: PrometheusHandle) -> Router {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    crate::metrics::record_status(&state.node.engine.status());
+    let status = state.node.engine.status();
+    // Request series of every served table exist before its first request (at 0).
+    for m in &status.models {
+        for t in &m.tables {
+            state.node.metrics.table(&m.name, &t.name, || true);
+        }
+    }
+    crate::metrics::record_status(&status);
     (
         [(
             header::CONTENT_TYPE,

@@ -223,16 +223,46 @@ async fn signalled(mut shutdown: watch::Receiver<bool>) {
 async fn load_then_watch(engine: Engine, shutdown: watch::Receiver<bool>) {
     let started = Instant::now();
     tracing::info!("loading models");
-    tokio::select! {
-        result = engine.load() => match result {
-            Ok(()) => log_loaded(&engine, started),
-            Err(err) => tracing::error!(error = %err, "loading models failed; the node keeps trying on each repository poll"),
-        },
-        () = signalled(shutdown.clone()) => return,
+    let load = engine.load();
+    tokio::pin!(load);
+    let mut progress = tokio::time::interval(LOAD_PROGRESS_EVERY);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            result = &mut load => {
+                match result {
+                    Ok(()) => log_loaded(&engine, started),
+                    Err(err) => tracing::error!(error = %err, "loading models failed; the node keeps trying on each repository poll"),
+                }
+                break;
+            }
+            _ = progress.tick() => log_progress(&engine),
+            () = signalled(shutdown.clone()) => return,
+        }
     }
     let watcher = engine.spawn_background(shutdown);
     if let Err(err) = watcher.await {
         tracing::error!(error = %err, "the repository watcher stopped unexpectedly");
+    }
+}
+
+/// How often the first load logs its progress.
+const LOAD_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+fn log_progress(engine: &Engine) {
+    for m in engine.status().models {
+        if let Some(load) = &m.load {
+            tracing::info!(
+                model = %m.name,
+                version = load.version,
+                rows_done = load.rows_done,
+                rows_total = load.rows_total,
+                bytes_done = load.bytes_done,
+                bytes_total = load.bytes_total,
+                eta_seconds = load.eta_seconds,
+                "loading"
+            );
+        }
     }
 }
 

@@ -112,6 +112,17 @@ impl TableMetrics {
         };
         let requests =
             CODES.map(|code| metrics::counter!("hopps_lookup_requests_total", &labels(code)));
+        // Successful writes exist from the start (at 0), so rates and dashboards have a series.
+        for op in ["upsert", "delete", "push"] {
+            metrics::counter!(
+                "hopps_write_requests_total",
+                "model" => model.to_string(),
+                "table" => table.to_string(),
+                "op" => op,
+                "code" => code_label(Code::Ok),
+            )
+            .increment(0);
+        }
         let pair = [("model", model.to_string()), ("table", table.to_string())];
         TableMetrics {
             model: model.to_string(),
@@ -217,10 +228,8 @@ pub(crate) fn record_status(status: &NodeStatus) {
         metrics::gauge!("hopps_load_bytes_total", &m)
             .set(load.map_or(0.0, |l| l.bytes_total as f64));
         metrics::gauge!("hopps_load_eta_seconds", &m).set(load.map_or(0.0, |l| l.eta_seconds));
-        if let Some(l) = load {
-            metrics::gauge!("hopps_load_last_progress_timestamp_seconds", &m)
-                .set(l.last_progress_unix);
-        }
+        metrics::gauge!("hopps_load_last_progress_timestamp_seconds", &m)
+            .set(load.map_or(0.0, |l| l.last_progress_unix));
         for table in &model.tables {
             let t = [("model", model.name.clone()), ("table", table.name.clone())];
             metrics::gauge!("hopps_table_rows", &t).set(table.rows as f64);

@@ -300,6 +300,35 @@ async fn lookups_policies_errors_and_deltas() {
     expected.extend(rows_of(1, &[8], DIM));
     assert_eq!(rows.values, expected);
 
+    // Online writes: upsert, then delete; bad lengths are INVALID_ARGUMENT.
+    let ack = client
+        .upsert("m", "t", &[9000, 8], &rows_of(3, &[9000, 8], DIM))
+        .await
+        .expect("upsert");
+    assert_eq!(ack.rows, 2);
+    let rows = client.lookup("m", "t", &[9000, 8]).await.expect("lookup");
+    assert_eq!(rows.found, vec![true, true]);
+    assert_eq!(rows.values, rows_of(3, &[9000, 8], DIM));
+    client.delete("m", "t", &[9000]).await.expect("delete");
+    let rows = client.lookup("m", "t", &[9000]).await.expect("lookup");
+    assert_eq!(rows.found, vec![false]);
+    let err = client
+        .upsert("m", "t", &[1], &[1.0, 2.0])
+        .await
+        .expect_err("short values");
+    assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("dim 4"), "{err}");
+    let err = client
+        .push("m", "t", &[1], &[0.1; DIM as usize])
+        .await
+        .expect_err("table t has no optimizer");
+    assert!(err.to_string().contains('t'), "{err}");
+    // Put key 8 back as published, so the checks below see version rows only.
+    client
+        .upsert("m", "t", &[8], &rows_of(1, &[8], DIM))
+        .await
+        .expect("upsert");
+
     // Status over gRPC and HTTP agree.
     let status = client.status().await.expect("status");
     assert!(status.ready);
@@ -346,6 +375,26 @@ async fn lookups_policies_errors_and_deltas() {
     assert!(
         metrics.contains("hopps_lookup_duration_seconds_bucket"),
         "histogram buckets"
+    );
+    assert!(
+        sample(
+            "hopps_write_requests_total",
+            r#"model="m",table="t",op="upsert",code="ok""#
+        ) >= 2.0
+    );
+    assert!(
+        sample(
+            "hopps_write_requests_total",
+            r#"model="m",table="t",op="upsert",code="invalid_argument""#
+        ) >= 1.0
+    );
+    // Tables never asked for have their series at 0 already.
+    assert_eq!(
+        sample(
+            "hopps_lookup_requests_total",
+            r#"model="m",table="r",code="resource_exhausted""#
+        ),
+        0.0
     );
 
     // Graceful stop.

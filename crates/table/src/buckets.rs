@@ -1,4 +1,4 @@
-//! One bucket array of the Hopscotch table: a fixed number of buckets of `B` slots, each bucket
+//! One bucket array of the Hopscotch table: a fixed number of buckets of `B` (7) slots, each bucket
 //! holding the neighbourhood bitmap and version counter of its home, its keys and its rows, plus
 //! a small overflow area.
 //!
@@ -12,11 +12,12 @@
 //!   Buckets wrap around, so there is no tail and the slot count is `B * buckets` exactly.
 //! - `hop(c)` is the neighbourhood bitmap of home `c`: bit i set means bucket `c + i` (mod the
 //!   bucket count) holds at least one key whose home is `c`. The neighbourhood is `H` buckets,
-//!   that is `H * B` slots.
+//!   that is `H * B` = 224 slots.
 //! - `seq(c)` is the seqlock of home `c` and the occupancy of bucket `c`:
 //!   bit 0 BUSY (the writer is changing keys homed at `c`), bit 1 OVERFLOWED (a key homed at `c`
-//!   went to the overflow area), bits 2..2+B which slots of bucket `c` hold a key, and a counter
-//!   above them. Readers validate their key's home `seq` around a probe and retry if it moved.
+//!   went to the overflow area), bits 2..2+B which slots of bucket `c` hold a key, and a 23-bit
+//!   counter above them (a reader would have to sleep through 2^23 write sections of one home
+//!   mid-probe to be fooled by its wrap-around). Readers validate their key's home `seq` around a probe and retry if it moved.
 //! - The overflow area holds the keys that no displacement could bring within `H` buckets of
 //!   their home: `[key lo | key hi | row]` entries, guarded by their own seqlock word.
 //!
@@ -31,12 +32,17 @@
 use crate::raw::{Words, prefetch};
 use crate::sync::{AtomicU32, Ordering, fence, spin};
 
-/// Slots a bucket. Four keys (32 bytes) sit with the bucket's bitmap and version in one line.
-pub(crate) const B: usize = if cfg!(loom) { 1 } else { 4 };
+/// Slots a bucket. Seven: the bitmap, the version word and seven keys fill exactly one 64-byte
+/// line, so a bucket's header is one cache line and, when rows are a multiple of 64 bytes (dim
+/// 16, 32, 64, 128 in f32), every row starts on a line of its own (one line for a 64-byte row).
+pub(crate) const B: usize = if cfg!(loom) { 1 } else { 7 };
 
-/// Neighbourhood size in buckets: a key lives within `H` buckets (`H * B` slots) of its home.
-/// 32 keeps the bitmap in one word.
+/// Neighbourhood size in buckets: a key lives within `H` buckets (`H * B` = 224 slots) of its
+/// home. 32 keeps the bitmap in one word.
 pub(crate) const H: usize = if cfg!(loom) { 3 } else { 32 };
+
+/// `locate`'s answer for a key it did not find.
+pub(crate) const NOWHERE: u32 = u32::MAX;
 
 const BUSY: u32 = 1;
 const OVERFLOWED: u32 = 2;
@@ -218,15 +224,40 @@ impl Buckets {
     /// The slot of `bucket` holding `key`, if any, given the bucket's `seq` word.
     #[inline(always)]
     fn slot_of(bucket: &[AtomicU32], seq: u32, key: u64) -> Option<usize> {
-        let mut occ = (seq & OCC_ALL) >> OCC_SHIFT;
-        while occ != 0 {
-            let j = occ.trailing_zeros() as usize;
-            occ &= occ - 1;
-            if Self::key_at(bucket, j) == key {
+        // Compare the low words of all slots without branches (the match position is random,
+        // so a compare-and-branch loop mispredicts), then confirm the high word of the matches.
+        let lo = key as u32;
+        let mut hits = 0u32;
+        for j in 0..B {
+            hits |= ((bucket[KEYS + 2 * j].load(Ordering::Relaxed) == lo) as u32) << j;
+        }
+        hits &= (seq & OCC_ALL) >> OCC_SHIFT;
+        let hi = (key >> 32) as u32;
+        while hits != 0 {
+            let j = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
+            if bucket[KEYS + 2 * j + 1].load(Ordering::Relaxed) == hi {
                 return Some(j);
             }
         }
         None
+    }
+
+    /// Where `key` is, read without validation: a hint for prefetching and for `read`.
+    /// Encoded as `bucket offset << 8 | slot`, or `NOWHERE`.
+    #[inline(always)]
+    pub(crate) fn locate(&self, key: u64, home: usize) -> u32 {
+        let hb = self.bucket(home);
+        let mut hop = hb[HOP].load(Ordering::Relaxed);
+        while hop != 0 {
+            let i = hop.trailing_zeros() as usize;
+            hop &= hop - 1;
+            let b = self.bucket(self.wrap(home + i));
+            if let Some(j) = Self::slot_of(b, b[SEQ].load(Ordering::Relaxed), key) {
+                return ((i as u32) << 8) | j as u32;
+            }
+        }
+        NOWHERE
     }
 
     // ---- reading (any thread) ----
@@ -264,34 +295,28 @@ impl Buckets {
         }
     }
 
-    /// Prefetches `key`'s row, located without validation (a hint: a concurrent write only makes
-    /// it useless).
+    /// Prefetches the row a `locate` hint names.
     #[inline(always)]
-    pub(crate) fn prefetch_row(&self, key: u64, home: usize) {
-        let mut hop = self.bucket(home)[HOP].load(Ordering::Relaxed);
-        while hop != 0 {
-            let i = hop.trailing_zeros() as usize;
-            hop &= hop - 1;
-            let b = self.bucket(self.wrap(home + i));
-            if let Some(j) = Self::slot_of(b, b[SEQ].load(Ordering::Relaxed), key) {
-                let row = self.row(b, j);
-                // Every line of the row: 16 words a line, plus the last word for a row that
-                // starts mid-line.
-                for w in row.iter().step_by(16) {
-                    prefetch(w);
-                }
-                if let Some(last) = row.last() {
-                    prefetch(last);
-                }
-                return;
-            }
+    pub(crate) fn prefetch_row(&self, home: usize, hint: u32) {
+        if hint == NOWHERE {
+            return;
+        }
+        let b = self.bucket(self.wrap(home + (hint >> 8) as usize));
+        let row = self.row(b, (hint & 0xFF) as usize);
+        // Every line of the row: 16 words a line, plus the last word for a row that starts
+        // mid-line.
+        for w in row.iter().step_by(16) {
+            prefetch(w);
+        }
+        if let Some(last) = row.last() {
+            prefetch(last);
         }
     }
 
     /// Copies the first `out.len()` (<= row_bytes) bytes of `key`'s row into `out`; never returns
     /// a torn row: the copy is validated against the home's seqlock and retried.
     #[inline]
-    pub(crate) fn read(&self, key: u64, home: usize, out: &mut [u8]) -> bool {
+    pub(crate) fn read(&self, key: u64, home: usize, hint: u32, out: &mut [u8]) -> bool {
         let hb = self.bucket(home);
         loop {
             let v1 = hb[SEQ].load(Ordering::Acquire);
@@ -299,11 +324,28 @@ impl Buckets {
                 spin();
                 continue;
             }
-            let mut hop = hb[HOP].load(Ordering::Relaxed);
+            let hop = hb[HOP].load(Ordering::Relaxed);
             let mut found = false;
-            while hop != 0 {
-                let i = hop.trailing_zeros() as usize;
-                hop &= hop - 1;
+            // The hint (from `locate`) is only a guess: it counts if the home's bitmap names its
+            // bucket and the slot is occupied by the key, all inside this validated read.
+            if hint != NOWHERE && hop & (1 << (hint >> 8)) != 0 {
+                let i = (hint >> 8) as usize;
+                let j = (hint & 0xFF) as usize;
+                let (b, seq) = if i == 0 {
+                    (hb, v1)
+                } else {
+                    let b = self.bucket(self.wrap(home + i));
+                    (b, b[SEQ].load(Ordering::Acquire))
+                };
+                if seq & (1 << (OCC_SHIFT as usize + j)) != 0 && Self::key_at(b, j) == key {
+                    copy_out(self.row(b, j), out);
+                    found = true;
+                }
+            }
+            let mut rest = if found { 0 } else { hop };
+            while rest != 0 {
+                let i = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
                 let (b, seq) = if i == 0 {
                     (hb, v1)
                 } else {

@@ -1,6 +1,6 @@
 //! The public table: growth, sizing and the writer lock around [`Buckets`].
 
-use crate::buckets::{B, Buckets, Full, H, Occupancy};
+use crate::buckets::{B, Buckets, Full, H, NOWHERE, Occupancy};
 use crate::raw::{Retired, Shared, WriterToken};
 use crate::sync::{AtomicUsize, Mutex, Ordering, spin};
 
@@ -13,7 +13,7 @@ pub const MAX_LOAD: f64 = 0.97;
 
 /// Keys processed per prefetch window by the batch operations: the whole window's lines are
 /// requested before the first is probed. A 1000-key batch is one window.
-const WINDOW: usize = 1024;
+const WINDOW: usize = 64;
 
 fn slots_for(rows: usize) -> usize {
     ((rows as f64 / SIZED_LOAD).ceil() as usize).max(H * B)
@@ -63,8 +63,8 @@ impl Table {
     }
 
     /// An empty table sized so that `rows` entries fill it to load factor [`SIZED_LOAD`] (no
-    /// power-of-two rounding; slots come in buckets of 4). A table is never smaller than one
-    /// neighbourhood (32 buckets, 128 slots).
+    /// power-of-two rounding; slots come in buckets of 7). A table is never smaller than one
+    /// neighbourhood (32 buckets, 224 slots).
     pub fn with_capacity(row_bytes: usize, rows: usize) -> Table {
         let slots = slots_for(rows);
         let buckets = Buckets::new(row_bytes, slots, overflow_cap_for(slots));
@@ -134,7 +134,7 @@ impl Table {
         let n = out.len().min(self.row_bytes);
         let b = self.shared.pin();
         let home = b.home(key);
-        b.read(key, home, &mut out[..n])
+        b.read(key, home, NOWHERE, &mut out[..n])
     }
 
     /// Batch lookup. `stride = out.len() / keys.len()` bytes (<= row_bytes) are copied per key,
@@ -160,10 +160,12 @@ impl Table {
         let copy = stride.min(self.row_bytes);
         let b = self.shared.pin();
         let mut n = 0;
-        // Homes of the window, computed once (on the stack: no allocation per call).
+        // Homes and located slots of the window, computed once (on the stack: no allocation).
         let mut homes = [0usize; WINDOW];
+        let mut hints = [NOWHERE; WINDOW];
         for (w, window) in keys.chunks(WINDOW).enumerate() {
             let homes = &mut homes[..window.len()];
+            let hints = &mut hints[..window.len()];
             for (h, &k) in homes.iter_mut().zip(window) {
                 *h = b.home(k);
                 b.prefetch_home(*h);
@@ -171,13 +173,14 @@ impl Table {
             for &h in homes.iter() {
                 b.prefetch_candidates(h);
             }
-            for (&h, &k) in homes.iter().zip(window) {
-                b.prefetch_row(k, h);
+            for ((hint, &h), &k) in hints.iter_mut().zip(homes.iter()).zip(window) {
+                *hint = b.locate(k, h);
+                b.prefetch_row(h, *hint);
             }
-            for (j, (&h, &k)) in homes.iter().zip(window).enumerate() {
+            for (j, ((&h, &hint), &k)) in homes.iter().zip(hints.iter()).zip(window).enumerate() {
                 let i = w * WINDOW + j;
                 let at = i * stride;
-                let hit = b.read(k, h, &mut out[at..at + copy]);
+                let hit = b.read(k, h, hint, &mut out[at..at + copy]);
                 if let Some(f) = found.get_mut(i) {
                     *f = hit;
                 }

@@ -167,7 +167,7 @@ static int test_multi_lookup(hopps_client *c) {
   const size_t counts[] = {3, 2};
   const uint64_t keys[] = {5, 9999, 10, /* item: */ 499, 500};
   float values[3 * 4 + 2 * 8];
-  uint8_t found[1];
+  uint8_t found[1] = {0xff};
   uint32_t dims[2] = {0, 0};
   uint64_t version = 0;
   hopps_error *err = NULL;
@@ -178,6 +178,7 @@ static int test_multi_lookup(hopps_client *c) {
   CHECK(version > 0, "version");
   const int want_found[] = {1, 0, 1, 1, 0};
   for (size_t i = 0; i < 5; i++) CHECK(bit(found, i) == want_found[i], "found bit %zu", i);
+  CHECK((found[0] & 0xe0) == 0, "padding bits %#x", found[0]);
   for (uint32_t j = 0; j < 4; j++) {
     CHECK(values[j] == user_value(5, j), "user 5 float %u", j);
     CHECK(values[4 + j] == 0.0f, "user 9999 is zeros");
