@@ -440,6 +440,8 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
     runner.check("node b loads the big version", lambda: poll(f"node b to serve {v2['version']}", b_serves(v2["version"]), 300, 1) and None)
     v3 = env.publish_csv("v3", range(0, 1000), 2.0, delta=True)
     v4 = env.publish_csv("v4", range(1000, 2000), 3.0, delta=True)
+    ensure([v3["kind"], v4["kind"]] == ["delta", "delta"] and v4["version"] == v3["version"] + 1 == v2["version"] + 2,
+           f"the deltas were published as {v3} and {v4} after {v2}")
     runner.check("node b applies the deltas", lambda: poll(f"node b to serve {v4['version']}", b_serves(v4["version"]), 60, 0.5) and None)
     runner.check("node a falls three versions behind and fires HoppsVersionLagHigh",
               lambda: wait_alert(env, "HoppsVersionLagHigh", {"instance": env.nodes["a"]["admin"], "model": MODEL}))

@@ -260,6 +260,10 @@ def check_references(overlay: str, docs: list[dict]) -> None:
                     if tp not in container_ports(t):
                         problems.append(f"{name_of(svc)} port {port['name']} targets {tp}, which {name_of(w)} does not have")
 
+    client = one(docs, "Service", "hopps")
+    if client["spec"].get("publishNotReadyAddresses"):
+        problems.append(f"{name_of(client)} would send clients to nodes that are still loading")
+
     hopps = one(docs, "StatefulSet", "hopps")
     hopps_labels = hopps["spec"]["template"]["metadata"]["labels"]
     for pdb in by_kind(docs, "PodDisruptionBudget"):

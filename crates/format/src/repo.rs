@@ -28,8 +28,6 @@ use crate::spec::{
 };
 use crate::storage::{Location, StorageOptions};
 
-/// Directory (under a local root) where atomic writes stage their temporary files.
-pub(crate) const TMP_DIR: &str = ".hopps-tmp";
 const MANIFEST: &str = "MANIFEST.json";
 
 /// A model repository. Cheap to clone; every clone shares one operator.
@@ -179,7 +177,8 @@ impl Repository {
         }
     }
 
-    /// Writes a small document; with `exclusive`, fails with `Conflict` if it already exists.
+    /// Writes a small document (a manifest, model.json, a history record) so that readers see
+    /// either nothing or all of it; with `exclusive`, fails with `Conflict` if it exists.
     pub(crate) async fn put(&self, path: &str, bytes: Vec<u8>, exclusive: bool) -> Result<()> {
         let conflict = || {
             FormatError::conflict(format!(
@@ -187,8 +186,34 @@ impl Repository {
                 self.uri()
             ))
         };
+        let storage_err = |e| FormatError::storage(format!("{}: writing {path}", self.uri()), e);
+        if let Some(root) = &self.inner.local_root {
+            return local_put(root, path, bytes, exclusive, self.uri()).await;
+        }
+        let cap = self.op().info().capability();
+        if cap.rename {
+            // A filesystem (HDFS, or a local one reached through extra layers) would expose a
+            // half-written file: write a hidden temporary beside it and rename it into place.
+            // Exclusive puts check before the rename; a window remains (docs/format.md).
+            let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+            let tmp = format!("{dir}{}.{name}.tmp-{}", if dir.is_empty() { "" } else { "/" }, writer_token());
+            if exclusive && self.exists(path).await? {
+                return Err(conflict());
+            }
+            self.op().write(&tmp, bytes).await.map_err(storage_err)?;
+            if exclusive && self.exists(path).await? {
+                let _ = self.delete(&tmp).await;
+                return Err(conflict());
+            }
+            if let Err(e) = self.op().rename(&tmp, path).await {
+                let _ = self.delete(&tmp).await;
+                return Err(storage_err(e));
+            }
+            return Ok(());
+        }
         if exclusive {
-            if self.op().info().capability().write_with_if_not_exists {
+            if cap.write_with_if_not_exists {
+                // Object stores: a conditional PUT (If-None-Match: *) is atomic and exclusive.
                 return match self.op().write_with(path, bytes).if_not_exists(true).await {
                     Ok(_) => Ok(()),
                     Err(e)
@@ -199,19 +224,15 @@ impl Repository {
                     {
                         Err(conflict())
                     }
-                    Err(e) => Err(FormatError::storage(format!("{}: writing {path}", self.uri()), e)),
+                    Err(e) => Err(storage_err(e)),
                 };
             }
-            // Without conditional writes, check then write: a window remains (see docs/format.md).
+            // Without conditional writes, check then write: a window remains (docs/format.md).
             if self.exists(path).await? {
                 return Err(conflict());
             }
         }
-        self.op()
-            .write(path, bytes)
-            .await
-            .map(|_| ())
-            .map_err(|e| FormatError::storage(format!("{}: writing {path}", self.uri()), e))
+        self.op().write(path, bytes).await.map(|_| ()).map_err(storage_err)
     }
 
     pub(crate) async fn exists(&self, path: &str) -> Result<bool> {
@@ -565,6 +586,49 @@ impl Repository {
         }
         Ok(out)
     }
+}
+
+/// Local filesystem: write and fsync a hidden temporary file, then publish it with `link`
+/// (exclusive: fails if the name exists, atomically) or `rename` (replaces), and fsync the
+/// directory so that a commit survives a crash.
+async fn local_put(root: &std::path::Path, path: &str, bytes: Vec<u8>, exclusive: bool, uri: &str) -> Result<()> {
+    use std::io::Write;
+    let target = root.join(path);
+    let uri = uri.to_string();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        let io = |what: &str, e: std::io::Error| FormatError::local_io(&target, what, e);
+        let dir = target.parent().unwrap_or(std::path::Path::new("/")).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| io("cannot create the directory of", e))?;
+        let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("doc");
+        let tmp = dir.join(format!(".{name}.tmp-{}", writer_token()));
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot write", e))?;
+            f.write_all(&bytes).map_err(|e| io("cannot write", e))?;
+            f.sync_all().map_err(|e| io("cannot sync", e))?;
+            if exclusive {
+                match std::fs::hard_link(&tmp, &target) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Err(FormatError::conflict(format!(
+                            "{uri}: {path} already exists; another writer committed it first, look again and retry"
+                        )));
+                    }
+                    Err(e) => return Err(io("cannot publish", e)),
+                }
+            } else {
+                std::fs::rename(&tmp, &target).map_err(|e| io("cannot publish", e))?;
+            }
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result
+    })
+    .await
+    .map_err(|e| FormatError::new(ErrorKind::Io, format!("writing a document: worker failed: {e}")))?
 }
 
 fn spec_conflict(uri: &str, existing: &ModelSpec, wanted: &ModelSpec) -> FormatError {

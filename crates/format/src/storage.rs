@@ -128,13 +128,7 @@ pub(crate) fn operator(uri: &str, loc: &Location, opts: &StorageOptions) -> Resu
     let build_err = |e: opendal::Error| FormatError::storage(format!("cannot open repository {uri}"), e);
     let op = match loc {
         Location::Local(path) => {
-            let root = path.to_string_lossy();
-            // Writes land in a temporary file first and are renamed into place, so a reader
-            // never sees a half-written MANIFEST.json or model.json on a local disk.
-            let tmp = path.join(crate::repo::TMP_DIR);
-            let b = opendal::services::Fs::default()
-                .root(&root)
-                .atomic_write_dir(&tmp.to_string_lossy());
+            let b = opendal::services::Fs::default().root(&path.to_string_lossy());
             Operator::new(b).map_err(build_err)?
         }
         Location::S3 { bucket, prefix } => {

@@ -233,6 +233,25 @@ async fn lookups_policies_errors_and_deltas() {
     assert_eq!(code(&err), Some(Code::ResourceExhausted), "{err}");
     assert!(err.to_string().contains("max_message_bytes"), "{err}");
 
+    // Standard gRPC health checking: the data-plane service is SERVING once ready.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("health connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: hopps_proto::HOPPS_SERVICE.to_string(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        reply.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
     // Keys not a multiple of 8 bytes, through the raw wire client.
     let mut raw = v1::hopps_client::HoppsClient::connect(format!("http://{}", node.grpc))
         .await
@@ -322,7 +341,8 @@ async fn lookups_policies_errors_and_deltas() {
         .push("m", "t", &[1], &[0.1; DIM as usize])
         .await
         .expect_err("table t has no optimizer");
-    assert!(err.to_string().contains('t'), "{err}");
+    assert_eq!(code(&err), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("no optimizer"), "{err}");
     // Put key 8 back as published, so the checks below see version rows only.
     client
         .upsert("m", "t", &[8], &rows_of(1, &[8], DIM))

@@ -13,7 +13,7 @@ pub const MAX_LOAD: f64 = 0.97;
 
 /// Keys processed per prefetch window by the batch operations: the whole window's lines are
 /// requested before the first is probed. A 1000-key batch is one window.
-const WINDOW: usize = 64;
+const WINDOW: usize = 1024;
 
 fn slots_for(rows: usize) -> usize {
     ((rows as f64 / SIZED_LOAD).ceil() as usize).max(H * B)
