@@ -183,6 +183,11 @@ def test_rollback_restores_the_earlier_version(repo, serve):
     assert rows.version == 2
     assert_bits_equal(rows.values[:16], v2_rows)
     assert_bits_equal(rows.values[16:], v1[16:])
+    pinned = node.client.lookup(MODEL, "user", keys, version=2)
+    assert pinned.version == 2
+    with pytest.raises((hopps.FailedPrecondition, hopps.NotFound)) as err:
+        node.client.lookup(MODEL, "user", keys, version=99)
+    assert "99" in err.value.message
 
     report = node.client.rollback(MODEL, 1)
     assert report["from"] == 2 and report["to"] == 1 and report["model"] == MODEL

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hopps_format::{
-    InputFile, MissingPolicy, ModelSpec, PublishOptions, PublishProgress, PublishRequest, Repository, ShardRequest,
-    StorageOptions, TableInput, TableSpec, VersionKind,
+    InputFile, MissingPolicy, ModelSpec, PublishOptions, PublishProgress, PublishRequest,
+    Repository, ShardRequest, StorageOptions, TableInput, TableSpec, VersionKind,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -54,8 +54,13 @@ impl StorageArgs {
 /// `30s`, `500ms`, `2m`, `1h` or a number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?;
     let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -138,9 +143,15 @@ fn inputs(args_input: &[PathBuf], values: &[PathBuf]) -> anyhow::Result<Vec<Inpu
     for p in args_input {
         if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
             let Some(v) = values.next() else {
-                bail!("{} is a .npy file: give its float32 values with --values FILE", p.display());
+                bail!(
+                    "{} is a .npy file: give its float32 values with --values FILE",
+                    p.display()
+                );
             };
-            out.push(InputFile::Npy { keys: p.clone(), values: v.clone() });
+            out.push(InputFile::Npy {
+                keys: p.clone(),
+                values: v.clone(),
+            });
         } else {
             out.extend(InputFile::from_path(p)?);
         }
@@ -157,9 +168,11 @@ fn progress_bar(hidden: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new(0);
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb
 }
@@ -178,15 +191,30 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let inputs = inputs(&args.input, &args.values)?;
     let missing = match args.missing.as_str() {
         "error" => MissingPolicy::Error,
-        "random" => MissingPolicy::Random { seed: args.init_seed, scale: args.init_scale },
+        "random" => MissingPolicy::Random {
+            seed: args.init_seed,
+            scale: args.init_scale,
+        },
         _ => MissingPolicy::Zeros,
     };
-    let table = TableSpec { dtype: args.dtype.clone(), missing, ..TableSpec::new(args.table.clone(), args.dim) };
-    let kind = if args.delta { VersionKind::Delta } else { VersionKind::Full };
+    let table = TableSpec {
+        dtype: args.dtype.clone(),
+        missing,
+        ..TableSpec::new(args.table.clone(), args.dim)
+    };
+    let kind = if args.delta {
+        VersionKind::Delta
+    } else {
+        VersionKind::Full
+    };
     let req = PublishRequest {
         model: args.model.clone(),
         kind,
-        tables: vec![TableInput { table: args.table.clone(), dim: args.dim, inputs }],
+        tables: vec![TableInput {
+            table: args.table.clone(),
+            dim: args.dim,
+            inputs,
+        }],
         options: PublishOptions {
             parent: args.parent,
             create: Some(ModelSpec::new(args.model.clone(), args.shards, vec![table])),
@@ -202,7 +230,12 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let summary = repo
         .publish(&req, &move |p: &PublishProgress| report(&pb2, p))
         .await
-        .with_context(|| format!("publishing model {} to {}: nothing was published", args.model, args.repo));
+        .with_context(|| {
+            format!(
+                "publishing model {} to {}: nothing was published",
+                args.model, args.repo
+            )
+        });
     pb.finish_and_clear();
     let summary = summary?;
     let manifest = repo.manifest(&summary.model, summary.version).await?;
@@ -221,7 +254,10 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
             summary.model,
             summary.version,
             summary.kind,
-            manifest.parent.map(|p| format!(" of {p}")).unwrap_or_default(),
+            manifest
+                .parent
+                .map(|p| format!(" of {p}"))
+                .unwrap_or_default(),
             summary.rows,
             files,
             human_bytes(manifest.bytes()),
@@ -269,17 +305,34 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
         println!("no models in {}", args.repo);
         return Ok(());
     }
-    println!("{:<24} {:>6} {:>8} {:>8}  TABLES", "MODEL", "SHARDS", "LATEST", "VERSIONS");
+    println!(
+        "{:<24} {:>6} {:>8} {:>8}  TABLES",
+        "MODEL", "SHARDS", "LATEST", "VERSIONS"
+    );
     for r in &rows {
         let tables: Vec<String> = r["tables"]
             .as_array()
-            .map(|ts| ts.iter().map(|t| format!("{}[{} {}]", t["name"].as_str().unwrap_or(""), t["dim"], t["dtype"].as_str().unwrap_or(""))).collect())
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| {
+                        format!(
+                            "{}[{} {}]",
+                            t["name"].as_str().unwrap_or(""),
+                            t["dim"],
+                            t["dtype"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         println!(
             "{:<24} {:>6} {:>8} {:>8}  {}",
             r["model"].as_str().unwrap_or(""),
             r["shards"],
-            r["latest"].as_u64().map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            r["latest"]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
             r["versions"],
             tables.join(", ")
         );
@@ -288,13 +341,23 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
 }
 
 /// `hopps model versions --repo URI --model M`.
-pub async fn versions(repo: &str, storage: &StorageArgs, model: &str, json: bool) -> anyhow::Result<()> {
+pub async fn versions(
+    repo: &str,
+    storage: &StorageArgs,
+    model: &str,
+    json: bool,
+) -> anyhow::Result<()> {
     let r = open(repo, storage).await?;
     let listing = r.versions(model).await?;
     if !listing.aborted.is_empty() {
         eprintln!(
             "note: ignored version directories without a manifest (aborted publishes): {}",
-            listing.aborted.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            listing
+                .aborted
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if json {
@@ -320,13 +383,18 @@ pub async fn versions(repo: &str, storage: &StorageArgs, model: &str, json: bool
         println!("model {model} has no committed versions");
         return Ok(());
     }
-    println!("{:>8} {:<6} {:>8} {:>12} {:>10}  {:<20}  SOURCE", "VERSION", "KIND", "PARENT", "ROWS", "SIZE", "CREATED");
+    println!(
+        "{:>8} {:<6} {:>8} {:>12} {:>10}  {:<20}  SOURCE",
+        "VERSION", "KIND", "PARENT", "ROWS", "SIZE", "CREATED"
+    );
     for m in &listing.committed {
         println!(
             "{:>8} {:<6} {:>8} {:>12} {:>10}  {:<20}  {}",
             m.version,
             m.kind.as_str(),
-            m.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            m.parent
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             m.rows,
             human_bytes(m.bytes()),
             m.created,
@@ -382,7 +450,11 @@ pub struct ShardArgs {
 
 pub async fn shard(args: ShardArgs) -> anyhow::Result<()> {
     let inputs = inputs(&args.input, &args.values)?;
-    let kind = if args.delta { VersionKind::Delta } else { VersionKind::Full };
+    let kind = if args.delta {
+        VersionKind::Delta
+    } else {
+        VersionKind::Full
+    };
     let req = ShardRequest {
         table: args.table.clone(),
         dim: args.dim,
@@ -395,9 +467,11 @@ pub async fn shard(args: ShardArgs) -> anyhow::Result<()> {
     let pb = progress_bar(args.json);
     let pb2 = pb.clone();
     let t0 = Instant::now();
-    let summary = hopps_format::shard_to_dir(&req, &args.output, &move |p: &PublishProgress| report(&pb2, p))
-        .await
-        .with_context(|| format!("sharding into {}", args.output.display()));
+    let summary = hopps_format::shard_to_dir(&req, &args.output, &move |p: &PublishProgress| {
+        report(&pb2, p)
+    })
+    .await
+    .with_context(|| format!("sharding into {}", args.output.display()));
     pb.finish_and_clear();
     let summary = summary?;
     let published = match (&args.repo, &args.model) {
@@ -412,14 +486,20 @@ pub async fn shard(args: ShardArgs) -> anyhow::Result<()> {
                     inputs: InputFile::from_path(&args.output)?,
                 }],
                 options: PublishOptions {
-                    create: Some(ModelSpec::new(model.clone(), args.shards, vec![TableSpec::new(args.table.clone(), args.dim)])),
+                    create: Some(ModelSpec::new(
+                        model.clone(),
+                        args.shards,
+                        vec![TableSpec::new(args.table.clone(), args.dim)],
+                    )),
                     allow_non_finite: args.allow_non_finite,
                     source: "hopps shard".into(),
                     ..Default::default()
                 },
             };
             Some(repo.publish(&preq, &|_| {}).await.with_context(|| {
-                format!("publishing the shards to model {model} in {repo_uri}: nothing was published")
+                format!(
+                    "publishing the shards to model {model} in {repo_uri}: nothing was published"
+                )
             })?)
         }
         _ => None,
@@ -431,7 +511,12 @@ pub async fn shard(args: ShardArgs) -> anyhow::Result<()> {
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let non_empty = summary.files.iter().filter_map(|f| f.shard).collect::<std::collections::BTreeSet<_>>().len();
+        let non_empty = summary
+            .files
+            .iter()
+            .filter_map(|f| f.shard)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         println!(
             "sharded {} rows of table {} into {} files over {}/{} shards in {} ({:.1} s)",
             summary.rows + summary.deletes,
@@ -443,10 +528,16 @@ pub async fn shard(args: ShardArgs) -> anyhow::Result<()> {
             t0.elapsed().as_secs_f64()
         );
         if summary.duplicates > 0 {
-            eprintln!("warning: {} rows repeat an earlier key; the later row wins", summary.duplicates);
+            eprintln!(
+                "warning: {} rows repeat an earlier key; the later row wins",
+                summary.duplicates
+            );
         }
         if let Some(p) = published {
-            println!("published model {} version {} ({}, {} rows)", p.model, p.version, p.kind, p.rows);
+            println!(
+                "published model {} version {} ({}, {} rows)",
+                p.model, p.version, p.kind, p.rows
+            );
         }
     }
     Ok(())
@@ -460,7 +551,11 @@ fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]

@@ -439,6 +439,38 @@ fn serve_lookup_deltas_status_metrics_rollback_and_shutdown() {
         "untouched rows keep version 1"
     );
 
+    // A pinned version: the served one reads, one the node cannot read is FAILED_PRECONDITION.
+    let pinned = json(&ok(&[
+        "lookup",
+        "--addr",
+        &addr,
+        "--model",
+        "m",
+        "--table",
+        "t",
+        "--at-version",
+        "2",
+        "--json",
+        "17",
+    ]));
+    assert_eq!(pinned["version"], 2);
+    let err = fails(&[
+        "lookup",
+        "--addr",
+        &addr,
+        "--model",
+        "m",
+        "--table",
+        "t",
+        "--at-version",
+        "99",
+        "17",
+    ]);
+    assert!(
+        err.contains("FAILED_PRECONDITION") && err.contains("99"),
+        "{err}"
+    );
+
     // Status, as JSON and as a table.
     let status = json(&ok(&["status", "--addr", &addr, "--json"]));
     assert_eq!(status["ready"], true);

@@ -31,6 +31,11 @@ pub use types::{
     RollbackReport, Rows, TableInfo, TableRows, VersionInfo, WriteAck,
 };
 
+/// HTTP/2 flow-control window of one call.
+const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+/// HTTP/2 flow-control window of one connection (shared by its concurrent calls).
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 /// How a [`Client`] connects and how large its messages may be.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -83,9 +88,13 @@ impl Client {
                 addr: addr.to_string(),
                 reason: err.to_string(),
             })?;
+        // Replies of a 1000-key lookup are tens of KiB: HTTP/2's default 64 KiB windows would
+        // stall them on window updates, so the windows are sized for batches.
         endpoint = endpoint
             .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES));
         if let Some(timeout) = options.request_timeout {
             endpoint = endpoint.timeout(timeout);
         }

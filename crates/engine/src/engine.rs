@@ -577,7 +577,7 @@ impl Engine {
                  the node to catch up with the repository and retry"
             )));
         }
-        let method = self.plan_rollback(&m, &lineage, from, to).await;
+        let method = self.plan_rollback(&m, &lineage, from, to).await?;
         let rec = HistoryRecord {
             seq: 0,
             time: now_rfc3339(),
@@ -605,28 +605,41 @@ impl Engine {
         })
     }
 
-    /// The chain versions after `to` up to `from` (what a rollback undoes), oldest first.
-    fn undone_versions(lineage: &Lineage, from: u64, to: u64) -> Vec<u64> {
-        let all: Vec<u64> = lineage.chain.iter().map(|c| c.version).collect();
-        let mut out: Vec<u64> = all.into_iter().filter(|v| *v > to && *v <= from).collect();
-        // `from` may be dead already in `lineage` (a rollback being followed): keep it.
-        if !out.contains(&from) {
-            out.push(from);
-        }
-        out
-    }
-
+    /// How a rollback from `from` to `to` will run: "undo" when the undo log holds a contiguous
+    /// run of records from `to` up to `from`, else "rebuild" — refused when the rebuild would
+    /// silently lose online writes the WAL no longer holds.
     async fn plan_rollback(
         &self,
         m: &Model,
         lineage: &Lineage,
         from: u64,
         to: u64,
-    ) -> &'static str {
-        let undo = m.write.lock().await;
-        let versions = Self::undone_versions(lineage, from, to);
-        let ok = undo.covering(&versions).is_some() && undo.entries.iter().any(|e| e.parent == to);
-        if ok { "undo" } else { "rebuild" }
+    ) -> Result<&'static str> {
+        if undo_run(&*m.write.lock().await, from, to).is_some() {
+            return Ok("undo");
+        }
+        let pos = lineage.position(to).unwrap_or(0);
+        let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
+            EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
+        })?;
+        let base = loader::pick_checkpoint(lineage, pos, &checkpoints);
+        let base_seq = base.and_then(|(c, _)| c.wal_sequence).unwrap_or(0);
+        let first_kept = m.wal.get().map(|w| w.first_sequence()).unwrap_or(1);
+        if first_kept > base_seq + 1 {
+            let from_what = match base {
+                Some((c, _)) => format!("checkpoint {}", c.version),
+                None => format!("full version {}", lineage.chain[0].version),
+            };
+            return Err(EngineError::precondition(format!(
+                "rolling model {} back to {to} means rebuilding it from {from_what}, but the online \
+                 writes made after that were already truncated from the write-ahead log by a later \
+                 checkpoint (the log starts at write {first_kept}); roll back to a version at or \
+                 after the oldest retained checkpoint, or keep more checkpoints \
+                 (checkpoint_retention)",
+                m.name
+            )));
+        }
+        Ok("rebuild")
     }
 
     /// Switches the serving state from `from` to `to`; the caller holds the versions lock.
@@ -639,20 +652,13 @@ impl Engine {
     ) -> Result<&'static str> {
         let view = self.serving_view(m)?;
         let mut undo_log = m.write.lock().await;
-        // Undo versions: the undo log holds contiguous entries up to `from`; take those after `to`.
-        let chain_after: Vec<u64> = undo_log
-            .entries
-            .iter()
-            .skip_while(|e| e.parent != to)
-            .map(|e| e.version)
-            .collect();
-        let undoable = chain_after.last() == Some(&from) && !chain_after.is_empty();
-        if undoable {
+        let run = undo_run(&undo_log, from, to);
+        if let Some(count) = run {
             let records: Vec<_> = undo_log
                 .entries
                 .iter()
                 .rev()
-                .take(chain_after.len())
+                .take(count)
                 .map(|e| e.rows.clone())
                 .collect();
             let tables = view.tables.clone();
@@ -684,7 +690,7 @@ impl Engine {
                 .store(Some(Arc::new(view.with(to, vec![(to, None)]))));
             drain_readers(&[&flipped]).await;
             m.stage_bytes.store(0, Ordering::Relaxed);
-            let keep = undo_log.entries.len() - chain_after.len();
+            let keep = undo_log.entries.len() - count;
             undo_log.entries.truncate(keep);
             self.enforce_undo_budget(m, &mut undo_log);
             tracing::info!(model = %m.name, from, to, method = "undo", "rolled back");
@@ -1184,6 +1190,15 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// How many of the newest undo records undo `from` back to `to`: they must form a contiguous
+/// run whose oldest record's parent is `to` and whose newest record is `from`.
+fn undo_run(log: &UndoLog, from: u64, to: u64) -> Option<usize> {
+    let start = log.entries.iter().rposition(|e| e.parent == to)?;
+    let run: Vec<&UndoEntry> = log.entries.iter().skip(start).collect();
+    let contiguous = run.windows(2).all(|w| w[1].parent == w[0].version);
+    (contiguous && run.last().is_some_and(|e| e.version == from)).then_some(run.len())
 }
 
 /// Waits until no reader holds any of `views` (the caller's own handles excepted). A view

@@ -48,16 +48,6 @@ impl UndoLog {
     pub(crate) fn bytes(&self) -> u64 {
         self.entries.iter().map(|e| e.bytes()).sum()
     }
-
-    /// The entries that undo `chain` (versions after the target, oldest first), if all are held.
-    pub(crate) fn covering(&self, versions: &[u64]) -> Option<Vec<Arc<RowSet>>> {
-        let mut out = Vec::with_capacity(versions.len());
-        for v in versions {
-            let e = self.entries.iter().find(|e| e.version == *v)?;
-            out.push(e.rows.clone());
-        }
-        Some(out)
-    }
 }
 
 /// Status fields that change with loads; read by `status()`.

@@ -106,6 +106,8 @@ struct Shared {
 pub struct Wal {
     shared: Arc<Shared>,
     syncer: Option<std::thread::JoinHandle<()>>,
+    /// Holds the directory's exclusive lock until dropped.
+    _lock: File,
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -272,6 +274,22 @@ impl Wal {
         fs::create_dir_all(dir).map_err(|e| {
             EngineError::wal_io(format!("creating WAL directory {}", dir.display()), e)
         })?;
+        // Two writers of one log would interleave sequence numbers: hold an exclusive lock on
+        // the directory for the life of this `Wal`.
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| EngineError::wal_io(format!("opening {}", lock_path.display()), e))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(EngineError::precondition(format!(
+                "the write-ahead log in {} is in use by another hopps engine ({e}); give each \
+                 node its own data directory",
+                dir.display()
+            )));
+        }
         let mut segments = list_segments(dir)?;
         let mut records: Vec<WalRecord> = Vec::new();
         let mut total = 0u64;
@@ -390,6 +408,7 @@ impl Wal {
             Wal {
                 shared,
                 syncer: Some(syncer),
+                _lock: lock,
             },
             records,
         ))
@@ -458,6 +477,17 @@ impl Wal {
     /// Sequence of the newest appended record.
     pub fn last_sequence(&self) -> u64 {
         self.shared.state.lock().appended
+    }
+
+    /// Sequence of the oldest record the log can still hold: older ones were truncated.
+    pub fn first_sequence(&self) -> u64 {
+        self.shared
+            .state
+            .lock()
+            .segments
+            .first()
+            .map(|s| s.first_seq)
+            .unwrap_or(1)
     }
 
     /// Bytes of the log on disk.
@@ -741,6 +771,15 @@ mod tests {
         let (_wal, recs) = Wal::open(dir.path(), WalSync::Always).unwrap();
         let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, (11..=15).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_wal, _) = Wal::open(dir.path(), WalSync::Always).unwrap();
+        let err = Wal::open(dir.path(), WalSync::Always).err().unwrap();
+        assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[tokio::test]

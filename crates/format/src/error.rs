@@ -100,22 +100,34 @@ impl FormatError {
     pub(crate) fn storage(what: impl fmt::Display, err: opendal::Error) -> Self {
         use opendal::ErrorKind as K;
         let (kind, hint) = match err.kind() {
-            K::NotFound => (ErrorKind::NotFound, "check the repository URI, model and version"),
+            K::NotFound => (
+                ErrorKind::NotFound,
+                "check the repository URI, model and version",
+            ),
             K::PermissionDenied => (
                 ErrorKind::InvalidInput,
                 "check the storage credentials and their permissions",
             ),
-            K::ConfigInvalid => (ErrorKind::InvalidInput, "check the repository URI and storage options"),
+            K::ConfigInvalid => (
+                ErrorKind::InvalidInput,
+                "check the repository URI and storage options",
+            ),
             K::ConditionNotMatch | K::AlreadyExists => (
                 ErrorKind::Conflict,
                 "another writer got there first; list the versions and retry",
             ),
-            K::RateLimited => (ErrorKind::Unavailable, "the store throttles requests; retry later"),
+            K::RateLimited => (
+                ErrorKind::Unavailable,
+                "the store throttles requests; retry later",
+            ),
             _ if err.is_temporary() => (
                 ErrorKind::Unavailable,
                 "the storage endpoint did not answer in time; check that it is reachable and retry",
             ),
-            _ => (ErrorKind::Io, "check that the storage endpoint is reachable and writable"),
+            _ => (
+                ErrorKind::Io,
+                "check that the storage endpoint is reachable and writable",
+            ),
         };
         let mut e = Self::new(kind, format!("{what}: {}; {hint}", err.kind()));
         e.retryable = kind == ErrorKind::Unavailable || err.is_temporary();

@@ -69,8 +69,16 @@ impl FaultLayer {
                 })
                 .collect()
         });
-        rules.push(FaultRule { path_contains: path_contains.to_string(), skip, fault, seen: AtomicU64::new(0) });
-        FaultLayer { rules: Arc::new(rules), injected: self.injected }
+        rules.push(FaultRule {
+            path_contains: path_contains.to_string(),
+            skip,
+            fault,
+            seen: AtomicU64::new(0),
+        });
+        FaultLayer {
+            rules: Arc::new(rules),
+            injected: self.injected,
+        }
     }
 
     /// How many faults were injected so far.
@@ -103,7 +111,10 @@ fn injected(what: &str, path: &str) -> Error {
 
 impl Layer for FaultLayer {
     fn apply_service(&self, inner: Servicer) -> Servicer {
-        Arc::new(FaultService { inner, layer: self.clone() })
+        Arc::new(FaultService {
+            inner,
+            layer: self.clone(),
+        })
     }
 }
 
@@ -130,7 +141,12 @@ impl Service for FaultService {
         self.inner.capability()
     }
 
-    async fn create_dir(&self, ctx: &OperationContext, path: &str, args: OpCreateDir) -> Result<RpCreateDir> {
+    async fn create_dir(
+        &self,
+        ctx: &OperationContext,
+        path: &str,
+        args: OpCreateDir,
+    ) -> Result<RpCreateDir> {
         self.inner.create_dir(ctx, path, args).await
     }
 
@@ -148,26 +164,51 @@ impl Service for FaultService {
             return Err(injected("write refused", path));
         }
         let inner = self.inner.write(ctx, path, args)?;
-        Ok(FaultWriter { inner, fault, path: path.to_string(), wrote: false })
+        Ok(FaultWriter {
+            inner,
+            fault,
+            path: path.to_string(),
+            wrote: false,
+        })
     }
 
     fn delete(&self, ctx: &OperationContext) -> Result<Self::Deleter> {
-        Ok(FaultDeleter { inner: self.inner.delete(ctx)?, layer: self.layer.clone() })
+        Ok(FaultDeleter {
+            inner: self.inner.delete(ctx)?,
+            layer: self.layer.clone(),
+        })
     }
 
     fn list(&self, ctx: &OperationContext, path: &str, args: OpList) -> Result<Self::Lister> {
         self.inner.list(ctx, path, args)
     }
 
-    fn copy(&self, ctx: &OperationContext, from: &str, to: &str, args: OpCopy) -> Result<Self::Copier> {
+    fn copy(
+        &self,
+        ctx: &OperationContext,
+        from: &str,
+        to: &str,
+        args: OpCopy,
+    ) -> Result<Self::Copier> {
         self.inner.copy(ctx, from, to, args)
     }
 
-    async fn rename(&self, ctx: &OperationContext, from: &str, to: &str, args: OpRename) -> Result<RpRename> {
+    async fn rename(
+        &self,
+        ctx: &OperationContext,
+        from: &str,
+        to: &str,
+        args: OpRename,
+    ) -> Result<RpRename> {
         self.inner.rename(ctx, from, to, args).await
     }
 
-    async fn presign(&self, ctx: &OperationContext, path: &str, args: OpPresign) -> Result<RpPresign> {
+    async fn presign(
+        &self,
+        ctx: &OperationContext,
+        path: &str,
+        args: OpPresign,
+    ) -> Result<RpPresign> {
         self.inner.presign(ctx, path, args).await
     }
 }

@@ -24,15 +24,15 @@ pub mod storage;
 
 pub use error::{ErrorKind, FormatError, Result};
 pub use publish::{
-    InputFile, PublishOptions, PublishProgress, PublishRequest, ShardRequest, ShardSummary, TableArrays, TableInput,
-    shard_to_dir,
+    InputFile, PublishOptions, PublishProgress, PublishRequest, ShardRequest, ShardSummary,
+    TableArrays, TableInput, shard_to_dir,
 };
 pub use repo::{CheckpointWriter, Repository, RowReader};
 pub use rows::RowBatch;
 pub use segment::Segment;
 pub use shard::{shard_hash, shard_of};
 pub use spec::{
-    FileEntry, HistoryRecord, Manifest, ManifestTable, MissingPolicy, ModelSpec, OptimizerSpec, PublishSummary,
-    TableSpec, VersionKind, VersionListing,
+    FileEntry, HistoryRecord, Manifest, ManifestTable, MissingPolicy, ModelSpec, OptimizerSpec,
+    PublishSummary, TableSpec, VersionKind, VersionListing,
 };
 pub use storage::StorageOptions;

@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
+use arrow_array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array,
+};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -21,8 +23,8 @@ use crate::repo::{Repository, describe_tables, version_name, writer_token};
 use crate::rows::{CsvRows, NpyRows, ParquetRows, RowBatch};
 use crate::shard::shard_of;
 use crate::spec::{
-    FORMAT_VERSION, FileEntry, Manifest, ManifestTable, ModelSpec, PublishSummary, TableSpec, VersionKind,
-    checksum_string, now_rfc3339, validate_name,
+    FORMAT_VERSION, FileEntry, Manifest, ManifestTable, ModelSpec, PublishSummary, TableSpec,
+    VersionKind, checksum_string, now_rfc3339, validate_name,
 };
 
 /// Options of a publish.
@@ -82,7 +84,9 @@ impl InputFile {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
                     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    !name.starts_with('.') && !name.starts_with('_') && p.is_file()
+                    !name.starts_with('.')
+                        && !name.starts_with('_')
+                        && p.is_file()
                         && (name.ends_with(".parquet") || name.ends_with(".pq"))
                 })
                 .collect();
@@ -95,11 +99,21 @@ impl InputFile {
             }
             return Ok(files.into_iter().map(InputFile::Parquet).collect());
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match ext.as_str() {
             "parquet" | "pq" => Ok(vec![InputFile::Parquet(path.to_path_buf())]),
-            "csv" => Ok(vec![InputFile::Csv { path: path.to_path_buf(), delimiter: b',' }]),
-            "tsv" | "txt" => Ok(vec![InputFile::Csv { path: path.to_path_buf(), delimiter: b'\t' }]),
+            "csv" => Ok(vec![InputFile::Csv {
+                path: path.to_path_buf(),
+                delimiter: b',',
+            }]),
+            "tsv" | "txt" => Ok(vec![InputFile::Csv {
+                path: path.to_path_buf(),
+                delimiter: b'\t',
+            }]),
             "npy" => Err(FormatError::invalid(format!(
                 "{} is a .npy file: give the keys and the values as a pair (--input keys.npy --values values.npy)",
                 path.display()
@@ -113,9 +127,9 @@ impl InputFile {
 
     fn display(&self) -> String {
         match self {
-            InputFile::Parquet(p) | InputFile::Csv { path: p, .. } | InputFile::Sharded { path: p, .. } => {
-                p.display().to_string()
-            }
+            InputFile::Parquet(p)
+            | InputFile::Csv { path: p, .. }
+            | InputFile::Sharded { path: p, .. } => p.display().to_string(),
             InputFile::Npy { keys, values } => format!("{} + {}", keys.display(), values.display()),
         }
     }
@@ -125,20 +139,25 @@ impl InputFile {
         match self {
             InputFile::Parquet(p) | InputFile::Sharded { path: p, .. } => {
                 let f = std::fs::File::open(p).ok()?;
-                let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).ok()?;
+                let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                    .ok()?;
                 Some(b.metadata().file_metadata().num_rows() as u64)
             }
             InputFile::Npy { keys, values } => {
                 let k = std::io::BufReader::new(std::fs::File::open(keys).ok()?);
                 let v = std::io::BufReader::new(std::fs::File::open(values).ok()?);
-                NpyRows::new(k, v, dim, "keys", "values").ok().map(|r| r.rows())
+                NpyRows::new(k, v, dim, "keys", "values")
+                    .ok()
+                    .map(|r| r.rows())
             }
             InputFile::Csv { .. } => None,
         }
     }
 
     fn open(&self, dim: u32) -> Result<Box<dyn RowSource>> {
-        let open = |p: &Path| std::fs::File::open(p).map_err(|e| FormatError::local_io(p, "cannot open input", e));
+        let open = |p: &Path| {
+            std::fs::File::open(p).map_err(|e| FormatError::local_io(p, "cannot open input", e))
+        };
         Ok(match self {
             InputFile::Parquet(p) | InputFile::Sharded { path: p, .. } => {
                 Box::new(ParquetRows::new(open(p)?, dim, &p.display().to_string())?)
@@ -224,7 +243,11 @@ impl Repository {
         req: &PublishRequest,
         progress: &(dyn Fn(&PublishProgress) + Send + Sync),
     ) -> Result<PublishSummary> {
-        let dims: Vec<(String, u32)> = req.tables.iter().map(|t| (t.table.clone(), t.dim)).collect();
+        let dims: Vec<(String, u32)> = req
+            .tables
+            .iter()
+            .map(|t| (t.table.clone(), t.dim))
+            .collect();
         let plan = self.plan(&req.model, req.kind, &dims, &req.options).await?;
         let rows_total = req
             .tables
@@ -232,15 +255,23 @@ impl Repository {
             .flat_map(|t| t.inputs.iter().map(move |i| i.rows_hint(t.dim)))
             .sum::<Option<u64>>();
         let mut w = VersionWriter::new(self, &plan, req.kind, &req.model, &req.options);
-        let mut p = PublishProgress { rows_total, ..Default::default() };
+        let mut p = PublishProgress {
+            rows_total,
+            ..Default::default()
+        };
         let result = async {
             for t in &req.tables {
                 p.table = t.table.clone();
                 w.begin_table(&t.table, t.dim);
                 for input in &t.inputs {
                     match input {
-                        InputFile::Sharded { path, shard } => w.copy_sharded(path, *shard, &mut p, progress).await?,
-                        _ => self.feed_file(&mut w, input, t.dim, &mut p, progress).await?,
+                        InputFile::Sharded { path, shard } => {
+                            w.copy_sharded(path, *shard, &mut p, progress).await?
+                        }
+                        _ => {
+                            self.feed_file(&mut w, input, t.dim, &mut p, progress)
+                                .await?
+                        }
                     }
                 }
                 w.end_table().await?;
@@ -299,9 +330,9 @@ impl Repository {
             p.duplicates = w.duplicates_total();
             progress(p);
         }
-        reader
-            .await
-            .map_err(|e| FormatError::new(ErrorKind::Io, format!("reading {name}: worker failed: {e}")))?;
+        reader.await.map_err(|e| {
+            FormatError::new(ErrorKind::Io, format!("reading {name}: worker failed: {e}"))
+        })?;
         Ok(())
     }
 
@@ -333,7 +364,10 @@ impl Repository {
                 )));
             }
         }
-        let dims: Vec<(String, u32)> = tables.iter().map(|t| (t.table.to_string(), t.dim)).collect();
+        let dims: Vec<(String, u32)> = tables
+            .iter()
+            .map(|t| (t.table.to_string(), t.dim))
+            .collect();
         let plan = self.plan(model, kind, &dims, opts).await?;
         let mut w = VersionWriter::new(self, &plan, kind, model, opts);
         let result = async {
@@ -347,9 +381,13 @@ impl Repository {
                     let batch = RowBatch {
                         keys: t.keys[start..end].to_vec(),
                         values: t.values[start * dim..end * dim].to_vec(),
-                        deleted: t.deleted.map(|d| d[start..end].to_vec()).unwrap_or_default(),
+                        deleted: t
+                            .deleted
+                            .map(|d| d[start..end].to_vec())
+                            .unwrap_or_default(),
                     };
-                    w.push(&batch, &format!("arrays of table {:?}", t.table)).await?;
+                    w.push(&batch, &format!("arrays of table {:?}", t.table))
+                        .await?;
                     start = end;
                 }
                 w.end_table().await?;
@@ -367,7 +405,13 @@ impl Repository {
     }
 
     /// Resolves the model spec (creating or extending it), the parent and the version number.
-    async fn plan(&self, model: &str, kind: VersionKind, dims: &[(String, u32)], opts: &PublishOptions) -> Result<Plan> {
+    async fn plan(
+        &self,
+        model: &str,
+        kind: VersionKind,
+        dims: &[(String, u32)],
+        opts: &PublishOptions,
+    ) -> Result<Plan> {
         validate_name("model", model)?;
         if kind == VersionKind::Checkpoint {
             return Err(FormatError::invalid(format!(
@@ -375,7 +419,9 @@ impl Repository {
             )));
         }
         if dims.is_empty() {
-            return Err(FormatError::invalid(format!("model {model:?}: a publish needs at least one table")));
+            return Err(FormatError::invalid(format!(
+                "model {model:?}: a publish needs at least one table"
+            )));
         }
         for (i, (name, _)) in dims.iter().enumerate() {
             validate_name("table", name)?;
@@ -469,7 +515,11 @@ impl Repository {
             _ => None,
         };
         let version = listing.highest().map_or(1, |v| v + 1);
-        Ok(Plan { spec: extended, version, parent })
+        Ok(Plan {
+            spec: extended,
+            version,
+            parent,
+        })
     }
 
     async fn listing_for_publish(&self, model: &str) -> Result<crate::spec::VersionListing> {
@@ -482,7 +532,8 @@ impl Repository {
 /// the directory has no `shard=` subdirectory.
 pub fn sharded_layout(dir: &Path) -> Result<Option<Vec<InputFile>>> {
     let mut out = Vec::new();
-    let rd = std::fs::read_dir(dir).map_err(|e| FormatError::local_io(dir, "cannot list input directory", e))?;
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| FormatError::local_io(dir, "cannot list input directory", e))?;
     let mut shard_dirs: Vec<(u32, PathBuf)> = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -505,12 +556,18 @@ pub fn sharded_layout(dir: &Path) -> Result<Option<Vec<InputFile>>> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                p.is_file() && !name.starts_with('.') && !name.starts_with('_')
+                p.is_file()
+                    && !name.starts_with('.')
+                    && !name.starts_with('_')
                     && (name.ends_with(".parquet") || name.ends_with(".pq"))
             })
             .collect();
         files.sort();
-        out.extend(files.into_iter().map(|path| InputFile::Sharded { path, shard }));
+        out.extend(
+            files
+                .into_iter()
+                .map(|path| InputFile::Sharded { path, shard }),
+        );
     }
     Ok(Some(out))
 }
@@ -556,7 +613,11 @@ pub async fn shard_to_dir(
     progress: &(dyn Fn(&PublishProgress) + Send + Sync),
 ) -> Result<ShardSummary> {
     validate_name("table", &req.table)?;
-    let spec = ModelSpec::new("sharding", req.shards, vec![TableSpec::new(req.table.clone(), req.dim)]);
+    let spec = ModelSpec::new(
+        "sharding",
+        req.shards,
+        vec![TableSpec::new(req.table.clone(), req.dim)],
+    );
     spec.validate()?;
     if let Ok(mut rd) = std::fs::read_dir(out)
         && rd.next().is_some()
@@ -573,12 +634,24 @@ pub async fn shard_to_dir(
         max_rows_per_file: req.max_rows_per_file,
         ..Default::default()
     };
-    let plan = Plan { spec, version: 0, parent: None };
+    let plan = Plan {
+        spec,
+        version: 0,
+        parent: None,
+    };
     let mut w = VersionWriter::new(&repo, &plan, req.kind, "sharding", &opts);
     w.dir = String::new();
     w.shard_dirs = true;
-    let rows_total = req.inputs.iter().map(|i| i.rows_hint(req.dim)).sum::<Option<u64>>();
-    let mut p = PublishProgress { table: req.table.clone(), rows_total, ..Default::default() };
+    let rows_total = req
+        .inputs
+        .iter()
+        .map(|i| i.rows_hint(req.dim))
+        .sum::<Option<u64>>();
+    let mut p = PublishProgress {
+        table: req.table.clone(),
+        rows_total,
+        ..Default::default()
+    };
     let result = async {
         w.begin_table(&req.table, req.dim);
         for input in &req.inputs {
@@ -588,10 +661,14 @@ pub async fn shard_to_dir(
                     path.display()
                 )));
             }
-            repo.feed_file(&mut w, input, req.dim, &mut p, progress).await?;
+            repo.feed_file(&mut w, input, req.dim, &mut p, progress)
+                .await?;
         }
         w.end_table().await?;
-        let t = w.done.pop().ok_or_else(|| FormatError::invalid("no table was written"))?;
+        let t = w
+            .done
+            .pop()
+            .ok_or_else(|| FormatError::invalid("no table was written"))?;
         let summary = ShardSummary {
             format_version: FORMAT_VERSION,
             table: t.name,
@@ -604,7 +681,8 @@ pub async fn shard_to_dir(
             duplicates: t.duplicates,
             files: t.files,
         };
-        let bytes = serde_json::to_vec_pretty(&summary).map_err(|e| FormatError::invalid(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&summary).map_err(|e| FormatError::invalid(e.to_string()))?;
         repo.put(SHARD_SUMMARY, bytes, false).await?;
         Ok(summary)
     }
@@ -619,7 +697,12 @@ fn summarize_versions(ms: &[Manifest]) -> String {
     if ms.is_empty() {
         return "none".to_string();
     }
-    let v: Vec<String> = ms.iter().rev().take(10).map(|m| m.version.to_string()).collect();
+    let v: Vec<String> = ms
+        .iter()
+        .rev()
+        .take(10)
+        .map(|m| m.version.to_string())
+        .collect();
     let mut s = v.into_iter().rev().collect::<Vec<_>>().join(", ");
     if ms.len() > 10 {
         s = format!("..., {s}");
@@ -689,7 +772,13 @@ const BUFFER_BUDGET: usize = 128 << 20;
 const FILE_TARGET_BYTES: u64 = 256 << 20;
 
 impl VersionWriter {
-    fn new(repo: &Repository, plan: &Plan, kind: VersionKind, model: &str, opts: &PublishOptions) -> VersionWriter {
+    fn new(
+        repo: &Repository,
+        plan: &Plan,
+        kind: VersionKind,
+        model: &str,
+        opts: &PublishOptions,
+    ) -> VersionWriter {
         VersionWriter {
             repo: repo.clone(),
             model: model.to_string(),
@@ -711,7 +800,8 @@ impl VersionWriter {
     }
 
     fn duplicates_total(&self) -> u64 {
-        self.done.iter().map(|t| t.duplicates).sum::<u64>() + self.table.as_ref().map_or(0, |t| t.duplicates)
+        self.done.iter().map(|t| t.duplicates).sum::<u64>()
+            + self.table.as_ref().map_or(0, |t| t.duplicates)
     }
 
     fn begin_table(&mut self, name: &str, dim: u32) {
@@ -747,7 +837,10 @@ impl VersionWriter {
         self.check_and_route(batch, source, None)?;
         let group = self.group_rows(self.table.as_ref().map_or(1, |t| t.dim));
         for s in 0..self.shards as usize {
-            let full = self.table.as_ref().is_some_and(|t| t.shards[s].keys.len() >= group);
+            let full = self
+                .table
+                .as_ref()
+                .is_some_and(|t| t.shards[s].keys.len() >= group);
             if full {
                 self.flush_shard(s, false).await?;
             }
@@ -758,10 +851,18 @@ impl VersionWriter {
     /// Validates and counts the rows of `batch`. Without `copied_shard` the rows are buffered
     /// in their shard; with it, they come from a file that is copied as is, and every key must
     /// belong to that shard.
-    fn check_and_route(&mut self, batch: &RowBatch, source: &str, copied_shard: Option<u32>) -> Result<()> {
+    fn check_and_route(
+        &mut self,
+        batch: &RowBatch,
+        source: &str,
+        copied_shard: Option<u32>,
+    ) -> Result<()> {
         let kind = self.kind;
         let shards = self.shards;
-        let t = self.table.as_mut().ok_or_else(|| FormatError::invalid("push outside a table"))?;
+        let t = self
+            .table
+            .as_mut()
+            .ok_or_else(|| FormatError::invalid("push outside a table"))?;
         let dim = t.dim as usize;
         if batch.values.len() != batch.keys.len() * dim
             || !(batch.deleted.is_empty() || batch.deleted.len() == batch.keys.len())
@@ -844,7 +945,8 @@ impl VersionWriter {
         let source = path.display().to_string();
         let rows_before = p.rows;
         let mut src = ParquetRows::new(
-            std::fs::File::open(path).map_err(|e| FormatError::local_io(path, "cannot open input", e))?,
+            std::fs::File::open(path)
+                .map_err(|e| FormatError::local_io(path, "cannot open input", e))?,
             dim,
             &source,
         )?;
@@ -858,7 +960,13 @@ impl VersionWriter {
         let rel = format!("{table}/part-{shard:05}-c{n:04}-{}.parquet", self.token);
         let dest = format!("{}{rel}", self.dir);
         let storage_err = |e| FormatError::storage(format!("{uri}: writing {dest}"), e);
-        let mut writer = self.repo.op().writer_with(&dest).chunk(8 << 20).await.map_err(storage_err)?;
+        let mut writer = self
+            .repo
+            .op()
+            .writer_with(&dest)
+            .chunk(8 << 20)
+            .await
+            .map_err(storage_err)?;
         self.written.push(dest.clone());
         if let Some((d, _)) = dest.rsplit_once('/') {
             let d = format!("{d}/");
@@ -914,16 +1022,26 @@ impl VersionWriter {
         let group = self.group_rows(dim);
         loop {
             let (buffered, in_file) = {
-                let Some(t) = self.table.as_ref() else { return Ok(()) };
+                let Some(t) = self.table.as_ref() else {
+                    return Ok(());
+                };
                 let b = &t.shards[s];
                 (b.keys.len(), b.open.as_ref().map_or(0, |o| o.rows))
             };
             if buffered == 0 || (!close && buffered < group) {
                 break;
             }
-            let n = buffered.min(group).min((file_rows - in_file.min(file_rows - 1)) as usize).max(1);
+            let n = buffered
+                .min(group)
+                .min((file_rows - in_file.min(file_rows - 1)) as usize)
+                .max(1);
             self.write_group(s, n).await?;
-            let full = self.table.as_ref().is_some_and(|t| t.shards[s].open.as_ref().is_some_and(|o| o.rows >= file_rows));
+            let full = self.table.as_ref().is_some_and(|t| {
+                t.shards[s]
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.rows >= file_rows)
+            });
             if full {
                 self.close_part(s).await?;
             }
@@ -938,14 +1056,20 @@ impl VersionWriter {
     async fn write_group(&mut self, s: usize, n: usize) -> Result<()> {
         let uri = self.repo.uri().to_string();
         let kind = self.kind;
-        let t = self.table.as_mut().ok_or_else(|| FormatError::invalid("flush outside a table"))?;
+        let t = self
+            .table
+            .as_mut()
+            .ok_or_else(|| FormatError::invalid("flush outside a table"))?;
         let dim = t.dim;
         let buf = &mut t.shards[s];
         if buf.open.is_none() {
             let rel = if self.shard_dirs {
                 format!("shard={s}/part-{:04}-{}.parquet", buf.part, self.token)
             } else {
-                format!("{}/part-{s:05}-{:04}-{}.parquet", t.name, buf.part, self.token)
+                format!(
+                    "{}/part-{s:05}-{:04}-{}.parquet",
+                    t.name, buf.part, self.token
+                )
             };
             let path = format!("{}{rel}", self.dir);
             let writer = self
@@ -970,16 +1094,32 @@ impl VersionWriter {
             let encoder = ArrowWriter::try_new(Vec::new(), schema(dim, kind), Some(props))
                 .map_err(|e| FormatError::invalid(format!("cannot encode {path}: {e}")))?;
             buf.part += 1;
-            buf.open = Some(OpenPart { rel, path, writer, encoder, crc: 0, bytes: 0, rows: 0 });
+            buf.open = Some(OpenPart {
+                rel,
+                path,
+                writer,
+                encoder,
+                crc: 0,
+                bytes: 0,
+                rows: 0,
+            });
         }
-        let Some(open) = buf.open.as_mut() else { return Ok(()) };
+        let Some(open) = buf.open.as_mut() else {
+            return Ok(());
+        };
         let d = dim as usize;
         let keys: Vec<u64> = buf.keys.drain(..n).collect();
         let values: Vec<f32> = buf.values.drain(..n * d).collect();
-        let deleted: Vec<bool> = if kind == VersionKind::Delta { buf.deleted.drain(..n).collect() } else { Vec::new() };
+        let deleted: Vec<bool> = if kind == VersionKind::Delta {
+            buf.deleted.drain(..n).collect()
+        } else {
+            Vec::new()
+        };
         let batch = record_batch(dim, kind, keys, values, deleted)?;
         let open_path = open.path.clone();
-        let enc_err = |e: parquet::errors::ParquetError| FormatError::invalid(format!("encoding {open_path}: {e}"));
+        let enc_err = |e: parquet::errors::ParquetError| {
+            FormatError::invalid(format!("encoding {open_path}: {e}"))
+        };
         open.encoder.write(&batch).map_err(enc_err)?;
         open.encoder.flush().map_err(enc_err)?;
         open.encoder
@@ -993,7 +1133,9 @@ impl VersionWriter {
     /// Closes the open file of shard `s`, if any, and records it.
     async fn close_part(&mut self, s: usize) -> Result<()> {
         let uri = self.repo.uri().to_string();
-        let Some(t) = self.table.as_mut() else { return Ok(()) };
+        let Some(t) = self.table.as_mut() else {
+            return Ok(());
+        };
         if let Some(open) = t.shards[s].open.take() {
             let entry = finish_part(open, s as u32, &uri).await?;
             t.files.push(entry);
@@ -1006,7 +1148,9 @@ impl VersionWriter {
         for s in 0..self.shards as usize {
             self.flush_shard(s, true).await?;
         }
-        let Some(mut t) = self.table.take() else { return Ok(()) };
+        let Some(mut t) = self.table.take() else {
+            return Ok(());
+        };
         if t.non_finite > 0 && !self.allow_non_finite {
             let (key, src) = t.first_non_finite.clone().unwrap_or_default();
             return Err(FormatError::invalid(format!(
@@ -1043,12 +1187,17 @@ impl VersionWriter {
             kind: self.kind,
             parent: self.parent,
             created: now_rfc3339(),
-            source: if opts.source.is_empty() { "hopps-format".to_string() } else { opts.source.clone() },
+            source: if opts.source.is_empty() {
+                "hopps-format".to_string()
+            } else {
+                opts.source.clone()
+            },
             rows,
             wal_sequence: None,
             tables: self.done.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| FormatError::invalid(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| FormatError::invalid(e.to_string()))?;
         let path = format!("{}MANIFEST.json", self.dir);
         match self.repo.put(&path, bytes, true).await {
             Ok(()) => {}
@@ -1067,7 +1216,12 @@ impl VersionWriter {
             }
         }
         self.written.clear();
-        Ok(PublishSummary { model: self.model.clone(), version: self.version, kind: self.kind, rows })
+        Ok(PublishSummary {
+            model: self.model.clone(),
+            version: self.version,
+            kind: self.kind,
+            rows,
+        })
     }
 
     /// Deletes every file this publish wrote, then the version directory if it is empty.
@@ -1105,8 +1259,11 @@ async fn write_part(open: &mut OpenPart, bytes: Vec<u8>, uri: &str) -> Result<()
 }
 
 async fn finish_part(mut open: OpenPart, shard: u32, uri: &str) -> Result<FileEntry> {
-    let encoder = std::mem::replace(&mut open.encoder, ArrowWriter::try_new(Vec::new(), Arc::new(Schema::empty()), None)
-        .map_err(|e| FormatError::invalid(format!("encoding {}: {e}", open.path)))?);
+    let encoder = std::mem::replace(
+        &mut open.encoder,
+        ArrowWriter::try_new(Vec::new(), Arc::new(Schema::empty()), None)
+            .map_err(|e| FormatError::invalid(format!("encoding {}: {e}", open.path)))?,
+    );
     let tail = encoder
         .into_inner()
         .map_err(|e| FormatError::invalid(format!("encoding {}: {e}", open.path)))?;
@@ -1131,7 +1288,10 @@ pub fn schema(dim: u32, kind: VersionKind) -> Arc<Schema> {
         Field::new("key", DataType::UInt64, false),
         Field::new(
             "value",
-            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim as i32),
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                dim as i32,
+            ),
             false,
         ),
     ];
@@ -1141,13 +1301,21 @@ pub fn schema(dim: u32, kind: VersionKind) -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn record_batch(dim: u32, kind: VersionKind, keys: Vec<u64>, values: Vec<f32>, deleted: Vec<bool>) -> Result<RecordBatch> {
+fn record_batch(
+    dim: u32,
+    kind: VersionKind,
+    keys: Vec<u64>,
+    values: Vec<f32>,
+    deleted: Vec<bool>,
+) -> Result<RecordBatch> {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let values = FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(values)), None)
-        .map_err(|e| FormatError::invalid(format!("building a batch: {e}")))?;
+    let values =
+        FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(values)), None)
+            .map_err(|e| FormatError::invalid(format!("building a batch: {e}")))?;
     let mut cols: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(keys)), Arc::new(values)];
     if kind == VersionKind::Delta {
         cols.push(Arc::new(BooleanArray::from(deleted)));
     }
-    RecordBatch::try_new(schema(dim, kind), cols).map_err(|e| FormatError::invalid(format!("building a batch: {e}")))
+    RecordBatch::try_new(schema(dim, kind), cols)
+        .map_err(|e| FormatError::invalid(format!("building a batch: {e}")))
 }

@@ -47,7 +47,9 @@ struct RepoInner {
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Repository").field("uri", &self.inner.uri).finish()
+        f.debug_struct("Repository")
+            .field("uri", &self.inner.uri)
+            .finish()
     }
 }
 
@@ -72,8 +74,12 @@ pub(crate) fn writer_token() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let seed = nanos ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:012x}", xxhash_rust::xxh64::xxh64(&seed.to_le_bytes(), 7) & 0xffff_ffff_ffff)
+    let seed =
+        nanos ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:012x}",
+        xxhash_rust::xxh64::xxh64(&seed.to_le_bytes(), 7) & 0xffff_ffff_ffff
+    )
 }
 
 /// `crc32c:hhhhhhhh` back to its number.
@@ -98,15 +104,23 @@ impl Repository {
             Location::Local(p) => Some(p.clone()),
             _ => None,
         };
-        let probe = tokio::time::timeout(opts.timeout + std::time::Duration::from_millis(500), async {
-            let mut lister = op.lister("").await?;
-            lister.next().await.transpose().map(|_| ())
-        })
+        let probe = tokio::time::timeout(
+            opts.timeout + std::time::Duration::from_millis(500),
+            async {
+                let mut lister = op.lister("").await?;
+                lister.next().await.transpose().map(|_| ())
+            },
+        )
         .await;
         match probe {
             Ok(Ok(())) => {}
             Ok(Err(e)) if e.kind() == opendal::ErrorKind::NotFound => {}
-            Ok(Err(e)) => return Err(FormatError::storage(format!("cannot open repository {uri}"), e)),
+            Ok(Err(e)) => {
+                return Err(FormatError::storage(
+                    format!("cannot open repository {uri}"),
+                    e,
+                ));
+            }
             Err(_) => {
                 return Err(FormatError::new(
                     ErrorKind::Unavailable,
@@ -118,7 +132,14 @@ impl Repository {
                 ));
             }
         }
-        Ok(Repository { inner: Arc::new(RepoInner { uri: uri.to_string(), op, local_root, opts }) })
+        Ok(Repository {
+            inner: Arc::new(RepoInner {
+                uri: uri.to_string(),
+                op,
+                local_root,
+                opts,
+            }),
+        })
     }
 
     /// Wraps an operator built by the caller (extra layers, fault injection in tests).
@@ -160,7 +181,12 @@ impl Repository {
         let entries = match self.op().list(dir).await {
             Ok(e) => e,
             Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(FormatError::storage(format!("{}: listing {dir}", self.uri()), e)),
+            Err(e) => {
+                return Err(FormatError::storage(
+                    format!("{}: listing {dir}", self.uri()),
+                    e,
+                ));
+            }
         };
         Ok(entries
             .into_iter()
@@ -173,7 +199,10 @@ impl Repository {
         match self.op().read(path).await {
             Ok(b) => Ok(Some(b.to_bytes())),
             Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(FormatError::storage(format!("{}: reading {path}", self.uri()), e)),
+            Err(e) => Err(FormatError::storage(
+                format!("{}: reading {path}", self.uri()),
+                e,
+            )),
         }
     }
 
@@ -196,11 +225,18 @@ impl Repository {
             // half-written file: write a hidden temporary beside it and rename it into place.
             // Exclusive puts check before the rename; a window remains (docs/format.md).
             let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-            let tmp = format!("{dir}{}.{name}.tmp-{}", if dir.is_empty() { "" } else { "/" }, writer_token());
+            let tmp = format!(
+                "{dir}{}.{name}.tmp-{}",
+                if dir.is_empty() { "" } else { "/" },
+                writer_token()
+            );
             if exclusive && self.exists(path).await? {
                 return Err(conflict());
             }
-            self.op().write(&tmp, bytes).await.map_err(storage_err)?;
+            if let Err(e) = self.op().write(&tmp, bytes).await {
+                let _ = self.delete(&tmp).await;
+                return Err(storage_err(e));
+            }
             if exclusive && self.exists(path).await? {
                 let _ = self.delete(&tmp).await;
                 return Err(conflict());
@@ -219,7 +255,8 @@ impl Repository {
                     Err(e)
                         if matches!(
                             e.kind(),
-                            opendal::ErrorKind::ConditionNotMatch | opendal::ErrorKind::AlreadyExists
+                            opendal::ErrorKind::ConditionNotMatch
+                                | opendal::ErrorKind::AlreadyExists
                         ) =>
                     {
                         Err(conflict())
@@ -232,7 +269,11 @@ impl Repository {
                 return Err(conflict());
             }
         }
-        self.op().write(path, bytes).await.map(|_| ()).map_err(storage_err)
+        self.op()
+            .write(path, bytes)
+            .await
+            .map(|_| ())
+            .map_err(storage_err)
     }
 
     pub(crate) async fn exists(&self, path: &str) -> Result<bool> {
@@ -247,7 +288,10 @@ impl Repository {
         match self.op().delete(path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(FormatError::storage(format!("{}: deleting {path}", self.uri()), e)),
+            Err(e) => Err(FormatError::storage(
+                format!("{}: deleting {path}", self.uri()),
+                e,
+            )),
         }
     }
 
@@ -257,7 +301,9 @@ impl Repository {
     pub async fn list_models(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for name in self.list_names("").await? {
-            let Some(dir) = name.strip_suffix('/') else { continue };
+            let Some(dir) = name.strip_suffix('/') else {
+                continue;
+            };
             if dir.starts_with('.') || validate_name("model", dir).is_err() {
                 continue;
             }
@@ -303,13 +349,21 @@ impl Repository {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| FormatError::invalid(e.to_string()))?;
-        match self.put(&format!("{}/model.json", spec.name), bytes, true).await {
+        let bytes =
+            serde_json::to_vec_pretty(spec).map_err(|e| FormatError::invalid(e.to_string()))?;
+        match self
+            .put(&format!("{}/model.json", spec.name), bytes, true)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::Conflict => {
                 // Someone created it at the same time: fine if they agree with us.
                 let existing = self.model(&spec.name).await?;
-                if existing == *spec { Ok(()) } else { Err(spec_conflict(self.uri(), &existing, spec)) }
+                if existing == *spec {
+                    Ok(())
+                } else {
+                    Err(spec_conflict(self.uri(), &existing, spec))
+                }
             }
             Err(e) => Err(e),
         }
@@ -319,14 +373,20 @@ impl Repository {
     /// names a table the model does not have yet.
     pub(crate) async fn extend_model(&self, spec: &ModelSpec) -> Result<()> {
         spec.validate()?;
-        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| FormatError::invalid(e.to_string()))?;
-        self.put(&format!("{}/model.json", spec.name), bytes, false).await
+        let bytes =
+            serde_json::to_vec_pretty(spec).map_err(|e| FormatError::invalid(e.to_string()))?;
+        self.put(&format!("{}/model.json", spec.name), bytes, false)
+            .await
     }
 
     // ---- versions -------------------------------------------------------------------------
 
     fn dir_of(model: &str, kind: VersionKind, version: u64) -> String {
-        let parent = if kind == VersionKind::Checkpoint { "checkpoints" } else { "versions" };
+        let parent = if kind == VersionKind::Checkpoint {
+            "checkpoints"
+        } else {
+            "versions"
+        };
         format!("{model}/{parent}/{}/", version_name(version))
     }
 
@@ -372,10 +432,21 @@ impl Repository {
         Ok(listing)
     }
 
-    async fn try_manifest(&self, model: &str, version: u64, checkpoint: bool) -> Result<Option<Manifest>> {
-        let kind = if checkpoint { VersionKind::Checkpoint } else { VersionKind::Full };
+    async fn try_manifest(
+        &self,
+        model: &str,
+        version: u64,
+        checkpoint: bool,
+    ) -> Result<Option<Manifest>> {
+        let kind = if checkpoint {
+            VersionKind::Checkpoint
+        } else {
+            VersionKind::Full
+        };
         let path = format!("{}{MANIFEST}", Self::dir_of(model, kind, version));
-        let Some(bytes) = self.read_bytes(&path).await? else { return Ok(None) };
+        let Some(bytes) = self.read_bytes(&path).await? else {
+            return Ok(None);
+        };
         let what = format!("{}/{path}", self.uri());
         // A manifest cut short is a commit that never completed (a torn write on a storage
         // without atomic writes, its cleanup interrupted): the version is aborted, not damaged.
@@ -414,7 +485,12 @@ impl Repository {
                 "version {} of model {:?} has no table {table:?} (tables: {})",
                 manifest.version,
                 manifest.model,
-                manifest.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                manifest
+                    .tables
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
         let spec = self.model(&manifest.model).await?;
@@ -489,7 +565,10 @@ impl Repository {
             )));
         }
         let want = parse_checksum(&file.checksum).ok_or_else(|| {
-            FormatError::corrupt(format!("{what}: manifest checksum {:?} is not crc32c:xxxxxxxx", file.checksum))
+            FormatError::corrupt(format!(
+                "{what}: manifest checksum {:?} is not crc32c:xxxxxxxx",
+                file.checksum
+            ))
         })?;
         if let Some(root) = &self.inner.local_root {
             let path = root.join(&rel);
@@ -529,7 +608,9 @@ impl Repository {
             .delete_with(&dir)
             .recursive(true)
             .await
-            .map_err(|e| FormatError::storage(format!("{}: deleting checkpoint {dir}", self.uri()), e))
+            .map_err(|e| {
+                FormatError::storage(format!("{}: deleting checkpoint {dir}", self.uri()), e)
+            })
     }
 
     // ---- history --------------------------------------------------------------------------
@@ -552,8 +633,16 @@ impl Repository {
             if r.time.is_empty() {
                 r.time = now_rfc3339();
             }
-            let bytes = serde_json::to_vec_pretty(&r).map_err(|e| FormatError::invalid(e.to_string()))?;
-            match self.put(&format!("{model}/history/{}.json", version_name(seq)), bytes, true).await {
+            let bytes =
+                serde_json::to_vec_pretty(&r).map_err(|e| FormatError::invalid(e.to_string()))?;
+            match self
+                .put(
+                    &format!("{model}/history/{}.json", version_name(seq)),
+                    bytes,
+                    true,
+                )
+                .await
+            {
                 Ok(()) => return Ok(seq),
                 Err(e) if e.kind() == ErrorKind::Conflict => continue,
                 Err(e) => return Err(e),
@@ -578,9 +667,14 @@ impl Repository {
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
             let path = format!("{model}/history/{}.json", version_name(seq));
-            let Some(bytes) = self.read_bytes(&path).await? else { continue };
+            let Some(bytes) = self.read_bytes(&path).await? else {
+                continue;
+            };
             let r: HistoryRecord = serde_json::from_slice(&bytes).map_err(|e| {
-                FormatError::corrupt(format!("{}/{path} is not a history record ({e})", self.uri()))
+                FormatError::corrupt(format!(
+                    "{}/{path} is not a history record ({e})",
+                    self.uri()
+                ))
             })?;
             out.push(r);
         }
@@ -591,7 +685,13 @@ impl Repository {
 /// Local filesystem: write and fsync a hidden temporary file, then publish it with `link`
 /// (exclusive: fails if the name exists, atomically) or `rename` (replaces), and fsync the
 /// directory so that a commit survives a crash.
-async fn local_put(root: &std::path::Path, path: &str, bytes: Vec<u8>, exclusive: bool, uri: &str) -> Result<()> {
+async fn local_put(
+    root: &std::path::Path,
+    path: &str,
+    bytes: Vec<u8>,
+    exclusive: bool,
+    uri: &str,
+) -> Result<()> {
     use std::io::Write;
     let target = root.join(path);
     let uri = uri.to_string();
@@ -651,10 +751,19 @@ pub(crate) fn describe_tables(spec: &ModelSpec) -> String {
         .join(", ")
 }
 
-fn check_manifest(m: &Manifest, model: &str, version: u64, checkpoint: bool, what: &str) -> Result<()> {
+fn check_manifest(
+    m: &Manifest,
+    model: &str,
+    version: u64,
+    checkpoint: bool,
+    what: &str,
+) -> Result<()> {
     let bad = |why: String| FormatError::corrupt(format!("{what}: {why}; the manifest is damaged"));
     if m.model != model || m.version != version {
-        return Err(bad(format!("it describes model {:?} version {}", m.model, m.version)));
+        return Err(bad(format!(
+            "it describes model {:?} version {}",
+            m.model, m.version
+        )));
     }
     if checkpoint != (m.kind == VersionKind::Checkpoint) {
         return Err(bad(format!("kind {} in the wrong directory", m.kind)));
@@ -667,15 +776,25 @@ fn check_manifest(m: &Manifest, model: &str, version: u64, checkpoint: bool, wha
             let p = std::path::Path::new(&f.path);
             if f.path.is_empty()
                 || p.is_absolute()
-                || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
             {
-                return Err(bad(format!("file path {:?} leaves the version directory", f.path)));
+                return Err(bad(format!(
+                    "file path {:?} leaves the version directory",
+                    f.path
+                )));
             }
             if !["parquet", "csv", "tsv", "hps"].contains(&f.format.as_str()) {
-                return Err(bad(format!("file {:?} has unknown format {:?}", f.path, f.format)));
+                return Err(bad(format!(
+                    "file {:?} has unknown format {:?}",
+                    f.path, f.format
+                )));
             }
             if parse_checksum(&f.checksum).is_none() {
-                return Err(bad(format!("file {:?} has checksum {:?}, not crc32c:xxxxxxxx", f.path, f.checksum)));
+                return Err(bad(format!(
+                    "file {:?} has checksum {:?}, not crc32c:xxxxxxxx",
+                    f.path, f.checksum
+                )));
             }
         }
     }
@@ -691,8 +810,9 @@ fn verify(bytes: &[u8], file: &FileEntry, what: &str) -> Result<()> {
             file.bytes
         )));
     }
-    let want = parse_checksum(&file.checksum)
-        .ok_or_else(|| FormatError::corrupt(format!("{what}: bad manifest checksum {:?}", file.checksum)))?;
+    let want = parse_checksum(&file.checksum).ok_or_else(|| {
+        FormatError::corrupt(format!("{what}: bad manifest checksum {:?}", file.checksum))
+    })?;
     let got = crc32c::crc32c(bytes);
     if got != want {
         return Err(FormatError::corrupt(format!(
@@ -783,7 +903,10 @@ impl RowReader {
             let bytes_and_entry = match self.prefetch.take() {
                 Some((entry, handle)) => {
                     let bytes = handle.await.map_err(|e| {
-                        FormatError::new(ErrorKind::Io, format!("fetching {}: worker failed: {e}", entry.path))
+                        FormatError::new(
+                            ErrorKind::Io,
+                            format!("fetching {}: worker failed: {e}", entry.path),
+                        )
                     })??;
                     Some((entry, bytes))
                 }
@@ -795,7 +918,9 @@ impl RowReader {
                     None => None,
                 },
             };
-            let Some((entry, bytes)) = bytes_and_entry else { return Ok(None) };
+            let Some((entry, bytes)) = bytes_and_entry else {
+                return Ok(None);
+            };
             // Overlap the next file's transfer with decoding this one.
             if let Some(next) = self.files.pop_front() {
                 let repo = self.repo.clone();
@@ -808,10 +933,21 @@ impl RowReader {
             let what = format!("{}/{}{}", self.repo.uri(), self.dir, entry.path);
             let decoder = match entry.format.as_str() {
                 "parquet" => Decoder::Parquet(ParquetRows::new(bytes, self.dim, &what)?),
-                "csv" => Decoder::Csv(CsvRows::new(std::io::Cursor::new(bytes), b',', self.dim, &what)),
-                "tsv" => Decoder::Csv(CsvRows::new(std::io::Cursor::new(bytes), b'\t', self.dim, &what)),
+                "csv" => Decoder::Csv(CsvRows::new(
+                    std::io::Cursor::new(bytes),
+                    b',',
+                    self.dim,
+                    &what,
+                )),
+                "tsv" => Decoder::Csv(CsvRows::new(
+                    std::io::Cursor::new(bytes),
+                    b'\t',
+                    self.dim,
+                    &what,
+                )),
                 "hps" => {
-                    let seg = segment::read_segment_from(&bytes[..], bytes.len() as u64, None, &what)?;
+                    let seg =
+                        segment::read_segment_from(&bytes[..], bytes.len() as u64, None, &what)?;
                     Decoder::Hps { seg, pos: 0 }
                 }
                 other => {
@@ -820,7 +956,12 @@ impl RowReader {
                     )));
                 }
             };
-            self.current = Some(OpenFile { decoder, entry, what, rows: 0 });
+            self.current = Some(OpenFile {
+                decoder,
+                entry,
+                what,
+                rows: 0,
+            });
         }
     }
 }
@@ -852,7 +993,11 @@ fn hps_batch(seg: &Segment, pos: &mut usize, dim: u32, what: &str) -> Result<Opt
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     *pos = end;
-    Ok(Some(RowBatch { keys, values, deleted: Vec::new() }))
+    Ok(Some(RowBatch {
+        keys,
+        values,
+        deleted: Vec::new(),
+    }))
 }
 
 // ---- CheckpointWriter -------------------------------------------------------------------------
@@ -886,7 +1031,12 @@ impl CheckpointWriter {
         let header = SegmentHeader::new(dtype, dim, row_bytes, keys.len() as u64)?;
         let rel = format!("{table}/shard-{shard:05}-{}.hps", self.token);
         let path = format!("{}{rel}", self.dir);
-        let storage_err = |e| FormatError::storage(format!("{}: writing checkpoint segment {path}", self.repo.uri()), e);
+        let storage_err = |e| {
+            FormatError::storage(
+                format!("{}: writing checkpoint segment {path}", self.repo.uri()),
+                e,
+            )
+        };
         let rb = row_bytes as usize;
         if rows.len() != keys.len() * rb {
             return Err(FormatError::invalid(format!(
@@ -899,7 +1049,13 @@ impl CheckpointWriter {
             )));
         }
         let mut enc = segment::SegmentEncoder::new(&header, keys, rows, 8 << 20)?;
-        let mut writer = self.repo.op().writer_with(&path).chunk(8 << 20).await.map_err(storage_err)?;
+        let mut writer = self
+            .repo
+            .op()
+            .writer_with(&path)
+            .chunk(8 << 20)
+            .await
+            .map_err(storage_err)?;
         self.written.push(path.clone());
         let mut bytes = 0u64;
         // One encoded chunk in memory at a time, whatever the segment size.
@@ -951,11 +1107,18 @@ impl CheckpointWriter {
             wal_sequence,
             tables: self.tables.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| FormatError::invalid(e.to_string()))?;
-        self.repo.put(&format!("{}{MANIFEST}", self.dir), bytes, false).await?;
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| FormatError::invalid(e.to_string()))?;
+        self.repo
+            .put(&format!("{}{MANIFEST}", self.dir), bytes, false)
+            .await?;
         // Files of an earlier checkpoint of the same version are now unreferenced.
-        let keep: std::collections::HashSet<String> =
-            manifest.tables.iter().flat_map(|t| &t.files).map(|f| format!("{}{}", self.dir, f.path)).collect();
+        let keep: std::collections::HashSet<String> = manifest
+            .tables
+            .iter()
+            .flat_map(|t| &t.files)
+            .map(|f| format!("{}{}", self.dir, f.path))
+            .collect();
         if let Ok(entries) = self.repo.op().list_with(&self.dir).recursive(true).await {
             for e in entries {
                 let p = e.path();

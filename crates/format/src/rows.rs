@@ -71,7 +71,12 @@ impl ParquetRows {
                     return Err(FormatError::invalid(format!(
                         "{what} has no column {name:?} (columns: {}); hopps reads `key` (uint64 or \
                          int64), `value` (list of float32) and optional `deleted` (bool)",
-                        schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )));
                 }
             }
@@ -88,12 +93,19 @@ impl ParquetRows {
             .with_batch_size(BATCH_ROWS)
             .build()
             .map_err(corrupt)?;
-        Ok(ParquetRows { reader, dim: dim as usize, what: what.to_string(), row: 0 })
+        Ok(ParquetRows {
+            reader,
+            dim: dim as usize,
+            what: what.to_string(),
+            row: 0,
+        })
     }
 
     /// The next batch, or `None` at the end of the file.
     pub fn next_batch(&mut self) -> Result<Option<RowBatch>> {
-        let Some(rb) = self.reader.next() else { return Ok(None) };
+        let Some(rb) = self.reader.next() else {
+            return Ok(None);
+        };
         let rb = rb.map_err(|e| {
             FormatError::corrupt(format!(
                 "{} cannot be decoded after row {} ({e}); the file is damaged, write it again",
@@ -107,10 +119,21 @@ impl ParquetRows {
 }
 
 /// Converts one Arrow record batch into a [`RowBatch`]; `first_row` numbers rows in errors.
-pub fn record_batch_rows(rb: &RecordBatch, dim: usize, what: &str, first_row: u64) -> Result<RowBatch> {
+pub fn record_batch_rows(
+    rb: &RecordBatch,
+    dim: usize,
+    what: &str,
+    first_row: u64,
+) -> Result<RowBatch> {
     let n = rb.num_rows();
-    let col = |name: &str| rb.schema().index_of(name).ok().map(|i| rb.column(i).clone());
-    let key_col = col("key").ok_or_else(|| FormatError::invalid(format!("{what} has no `key` column")))?;
+    let col = |name: &str| {
+        rb.schema()
+            .index_of(name)
+            .ok()
+            .map(|i| rb.column(i).clone())
+    };
+    let key_col =
+        col("key").ok_or_else(|| FormatError::invalid(format!("{what} has no `key` column")))?;
     if key_col.null_count() > 0 {
         return Err(FormatError::invalid(format!(
             "{what}: column `key` has {} null values; every row needs a key",
@@ -152,8 +175,8 @@ pub fn record_batch_rows(rb: &RecordBatch, dim: usize, what: &str, first_row: u6
         }
     };
 
-    let value_col =
-        col("value").ok_or_else(|| FormatError::invalid(format!("{what} has no `value` column")))?;
+    let value_col = col("value")
+        .ok_or_else(|| FormatError::invalid(format!("{what} has no `value` column")))?;
     let mut values = vec![0f32; n * dim];
     let row_err = |i: usize, msg: &str| {
         FormatError::invalid(format!(
@@ -188,7 +211,10 @@ pub fn record_batch_rows(rb: &RecordBatch, dim: usize, what: &str, first_row: u6
                     if deleted.get(i).copied().unwrap_or(false) {
                         continue;
                     }
-                    return Err(row_err(i, "`value` is null; only deleted rows may omit the value"));
+                    return Err(row_err(
+                        i,
+                        "`value` is null; only deleted rows may omit the value",
+                    ));
                 }
                 let start = list.value_offset_at(i);
                 if child.null_count() > 0 && (start..start + dim).any(|j| child.is_null(j)) {
@@ -200,9 +226,20 @@ pub fn record_batch_rows(rb: &RecordBatch, dim: usize, what: &str, first_row: u6
         DataType::List(_) | DataType::LargeList(_) => {
             let (offsets, child, nulls): (Vec<usize>, _, _) =
                 if let Some(l) = value_col.as_any().downcast_ref::<arrow_array::ListArray>() {
-                    (l.value_offsets().iter().map(|&o| o as usize).collect(), child_f32(l.values())?, l.nulls().cloned())
-                } else if let Some(l) = value_col.as_any().downcast_ref::<arrow_array::LargeListArray>() {
-                    (l.value_offsets().iter().map(|&o| o as usize).collect(), child_f32(l.values())?, l.nulls().cloned())
+                    (
+                        l.value_offsets().iter().map(|&o| o as usize).collect(),
+                        child_f32(l.values())?,
+                        l.nulls().cloned(),
+                    )
+                } else if let Some(l) = value_col
+                    .as_any()
+                    .downcast_ref::<arrow_array::LargeListArray>()
+                {
+                    (
+                        l.value_offsets().iter().map(|&o| o as usize).collect(),
+                        child_f32(l.values())?,
+                        l.nulls().cloned(),
+                    )
                 } else {
                     return Err(FormatError::invalid(format!("{what}: bad `value` column")));
                 };
@@ -211,7 +248,10 @@ pub fn record_batch_rows(rb: &RecordBatch, dim: usize, what: &str, first_row: u6
                     if deleted.get(i).copied().unwrap_or(false) {
                         continue;
                     }
-                    return Err(row_err(i, "`value` is null; only deleted rows may omit the value"));
+                    return Err(row_err(
+                        i,
+                        "`value` is null; only deleted rows may omit the value",
+                    ));
                 }
                 let (start, end) = (offsets[i], offsets[i + 1]);
                 if end - start != dim {
@@ -240,7 +280,11 @@ pub fn record_batch_rows(rb: &RecordBatch, dim: usize, what: &str, first_row: u6
             )));
         }
     }
-    Ok(RowBatch { keys, values, deleted })
+    Ok(RowBatch {
+        keys,
+        values,
+        deleted,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,7 +346,9 @@ impl<R: BufRead> CsvRows<R> {
             let first = fields.next().unwrap_or("");
             let key = match parse_key(first) {
                 Some(k) => k,
-                None if self.line_no == 1 || self.has_deleted.is_none() && batch.keys.is_empty() => {
+                None if self.line_no == 1
+                    || self.has_deleted.is_none() && batch.keys.is_empty() =>
+                {
                     // A header line.
                     self.has_deleted = Some(line.split(delim).any(|f| f.trim() == "deleted"));
                     continue;
@@ -327,7 +373,10 @@ impl<R: BufRead> CsvRows<R> {
                         FormatError::invalid(format!(
                             "{} line {}: {} values for dim {}, or a `deleted` flag {f:?} that is \
                              not 0/1/true/false",
-                            self.what, self.line_no, self.dim + 1, self.dim
+                            self.what,
+                            self.line_no,
+                            self.dim + 1,
+                            self.dim
                         ))
                     })?);
                     continue;
@@ -348,7 +397,11 @@ impl<R: BufRead> CsvRows<R> {
                      publish to a table of that dim",
                     self.what,
                     self.line_no,
-                    if count > self.dim { "more than dim + 1".to_string() } else { count.to_string() },
+                    if count > self.dim {
+                        "more than dim + 1".to_string()
+                    } else {
+                        count.to_string()
+                    },
                     self.dim
                 )));
             }
@@ -376,7 +429,9 @@ impl<R: BufRead> CsvRows<R> {
 }
 
 fn parse_key(s: &str) -> Option<u64> {
-    s.parse::<u64>().ok().or_else(|| s.parse::<i64>().ok().map(|k| k as u64))
+    s.parse::<u64>()
+        .ok()
+        .or_else(|| s.parse::<i64>().ok().map(|k| k as u64))
 }
 
 fn parse_flag(s: &str) -> Option<bool> {
@@ -404,7 +459,8 @@ pub struct NpyHeader {
 pub fn read_npy_header<R: Read>(r: &mut R, what: &str) -> Result<NpyHeader> {
     let bad = |why: &str| FormatError::corrupt(format!("{what} is not a NumPy .npy file: {why}"));
     let mut pre = [0u8; 10];
-    r.read_exact(&mut pre).map_err(|_| bad("shorter than the 10-byte preamble"))?;
+    r.read_exact(&mut pre)
+        .map_err(|_| bad("shorter than the 10-byte preamble"))?;
     if &pre[..6] != b"\x93NUMPY" {
         return Err(bad("bad magic"));
     }
@@ -412,8 +468,12 @@ pub fn read_npy_header<R: Read>(r: &mut R, what: &str) -> Result<NpyHeader> {
         1 => (u64::from(u16::from_le_bytes([pre[8], pre[9]])), 10u64),
         2 | 3 => {
             let mut more = [0u8; 2];
-            r.read_exact(&mut more).map_err(|_| bad("truncated header"))?;
-            (u64::from(u32::from_le_bytes([pre[8], pre[9], more[0], more[1]])), 12)
+            r.read_exact(&mut more)
+                .map_err(|_| bad("truncated header"))?;
+            (
+                u64::from(u32::from_le_bytes([pre[8], pre[9], more[0], more[1]])),
+                12,
+            )
         }
         v => return Err(bad(&format!("unknown .npy version {v}"))),
     };
@@ -421,7 +481,8 @@ pub fn read_npy_header<R: Read>(r: &mut R, what: &str) -> Result<NpyHeader> {
         return Err(bad("header longer than 1 MiB"));
     }
     let mut header = vec![0u8; hlen as usize];
-    r.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
+    r.read_exact(&mut header)
+        .map_err(|_| bad("truncated header"))?;
     let header = String::from_utf8_lossy(&header);
     let field = |name: &str| -> Option<&str> {
         let at = header.find(&format!("'{name}'"))?;
@@ -445,9 +506,17 @@ pub fn read_npy_header<R: Read>(r: &mut R, what: &str) -> Result<NpyHeader> {
         .ok_or_else(|| bad("no 'shape'"))?;
     let mut shape = Vec::new();
     for part in shape_s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        shape.push(part.trim_end_matches('L').parse::<u64>().map_err(|_| bad("bad shape"))?);
+        shape.push(
+            part.trim_end_matches('L')
+                .parse::<u64>()
+                .map_err(|_| bad("bad shape"))?,
+        );
     }
-    Ok(NpyHeader { descr, shape, data_offset: pre_len + hlen })
+    Ok(NpyHeader {
+        descr,
+        shape,
+        data_offset: pre_len + hlen,
+    })
 }
 
 /// Streams rows from a pair of `.npy` files: keys (`<u8` or `<i8`, shape `(n,)`) and values
@@ -465,7 +534,13 @@ pub struct NpyRows<K, V> {
 
 impl<K: Read, V: Read> NpyRows<K, V> {
     /// Reads both headers and checks that they agree with each other and with `dim`.
-    pub fn new(mut keys: K, mut values: V, dim: u32, keys_what: &str, values_what: &str) -> Result<Self> {
+    pub fn new(
+        mut keys: K,
+        mut values: V,
+        dim: u32,
+        keys_what: &str,
+        values_what: &str,
+    ) -> Result<Self> {
         let kh = read_npy_header(&mut keys, keys_what)?;
         let vh = read_npy_header(&mut values, values_what)?;
         let signed = match kh.descr.as_str() {
@@ -546,7 +621,11 @@ impl<K: Read, V: Read> NpyRows<K, V> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         self.done += n as u64;
-        Ok(Some(RowBatch { keys, values, deleted: Vec::new() }))
+        Ok(Some(RowBatch {
+            keys,
+            values,
+            deleted: Vec::new(),
+        }))
     }
 }
 
@@ -594,7 +673,10 @@ mod tests {
     #[test]
     fn npy_pair_roundtrip_and_truncation() {
         let keys: Vec<u8> = [5u64, 6].iter().flat_map(|k| k.to_le_bytes()).collect();
-        let vals: Vec<u8> = [1f32, 2., 3., 4.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let vals: Vec<u8> = [1f32, 2., 3., 4.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let k = npy("<u8", "(2,)", &keys);
         let v = npy("<f4", "(2, 2)", &vals);
         let mut r = NpyRows::new(&k[..], &v[..], 2, "k.npy", "v.npy").unwrap();
@@ -603,7 +685,9 @@ mod tests {
         assert_eq!(b.values, vec![1., 2., 3., 4.]);
         assert!(r.next_batch().unwrap().is_none());
 
-        let err = NpyRows::new(&k[..], &v[..], 3, "k.npy", "v.npy").err().unwrap();
+        let err = NpyRows::new(&k[..], &v[..], 3, "k.npy", "v.npy")
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("shape (2, 3)"), "{err}");
 
         let short = &v[..v.len() - 3];

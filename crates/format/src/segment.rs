@@ -58,7 +58,13 @@ impl SegmentHeader {
             return Err(FormatError::invalid("segment row_bytes must be > 0"));
         }
         let block_rows = (BLOCK_TARGET_BYTES / (8 + row_bytes as usize)).max(1) as u32;
-        Ok(SegmentHeader { rows, dim, row_bytes, block_rows, dtype: dtype.to_string() })
+        Ok(SegmentHeader {
+            rows,
+            dim,
+            row_bytes,
+            block_rows,
+            dtype: dtype.to_string(),
+        })
     }
 
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
@@ -105,7 +111,10 @@ impl SegmentHeader {
             )));
         }
         if u32_at(12) as usize != HEADER_BYTES {
-            return Err(corrupt(format!("header_bytes {} is not {HEADER_BYTES}", u32_at(12))));
+            return Err(corrupt(format!(
+                "header_bytes {} is not {HEADER_BYTES}",
+                u32_at(12)
+            )));
         }
         let rows = u64::from_le_bytes(h[16..24].try_into().unwrap_or_default());
         let dim = u32_at(24);
@@ -124,7 +133,13 @@ impl SegmentHeader {
         if h[44..60].iter().any(|&b| b != 0) {
             return Err(corrupt("reserved header bytes are not zero".into()));
         }
-        Ok(SegmentHeader { rows, dim, row_bytes, block_rows, dtype })
+        Ok(SegmentHeader {
+            rows,
+            dim,
+            row_bytes,
+            block_rows,
+            dtype,
+        })
     }
 
     fn block_len(&self, n: u64) -> u64 {
@@ -186,7 +201,12 @@ pub struct SegmentEncoder<'a> {
 
 impl<'a> SegmentEncoder<'a> {
     /// Checks that `keys` and `rows` match `header`; `chunk_bytes` is the target chunk size.
-    pub fn new(header: &SegmentHeader, keys: &'a [u64], rows: &'a [u8], chunk_bytes: usize) -> Result<Self> {
+    pub fn new(
+        header: &SegmentHeader,
+        keys: &'a [u64],
+        rows: &'a [u8],
+        chunk_bytes: usize,
+    ) -> Result<Self> {
         let rb = header.row_bytes as usize;
         if keys.len() as u64 != header.rows || rows.len() != keys.len() * rb {
             return Err(FormatError::invalid(format!(
@@ -263,12 +283,22 @@ pub fn encode_segment_to_vec(header: &SegmentHeader, keys: &[u64], rows: &[u8]) 
 ///
 /// The stream is read block by block into one reusable buffer; keys and rows are copied once
 /// into their final vectors, so memory is the segment plus one block.
-pub fn read_segment_from<R: Read>(mut r: R, len: u64, expect_crc: Option<u32>, what: &str) -> Result<Segment> {
+pub fn read_segment_from<R: Read>(
+    mut r: R,
+    len: u64,
+    expect_crc: Option<u32>,
+    what: &str,
+) -> Result<Segment> {
     let io = |e: std::io::Error, at: &str| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FormatError::corrupt(format!("segment {what} ends inside the {at}; the file is truncated"))
+            FormatError::corrupt(format!(
+                "segment {what} ends inside the {at}; the file is truncated"
+            ))
         } else {
-            FormatError::new(crate::ErrorKind::Io, format!("segment {what}: reading the {at}: {e}"))
+            FormatError::new(
+                crate::ErrorKind::Io,
+                format!("segment {what}: reading the {at}: {e}"),
+            )
         }
     };
     let mut h = [0u8; HEADER_BYTES];
@@ -296,7 +326,8 @@ pub fn read_segment_from<R: Read>(mut r: R, len: u64, expect_crc: Option<u32>, w
         let n = br.min(n_rows - done);
         let blen = header.block_len(n as u64) as usize;
         let b = &mut buf[..blen];
-        r.read_exact(b).map_err(|e| io(e, &format!("block {block}")))?;
+        r.read_exact(b)
+            .map_err(|e| io(e, &format!("block {block}")))?;
         file_crc = crc32c::crc32c_append(file_crc, b);
         let data = n * (8 + rb);
         let stored = u32::from_le_bytes([b[data], b[data + 1], b[data + 2], b[data + 3]]);
@@ -333,7 +364,13 @@ pub fn read_segment_from<R: Read>(mut r: R, len: u64, expect_crc: Option<u32>, w
              manifest; the file was changed or damaged, delete this checkpoint and write a new one"
         )));
     }
-    Ok(Segment { dtype: header.dtype, dim: header.dim, row_bytes: header.row_bytes, keys, rows })
+    Ok(Segment {
+        dtype: header.dtype,
+        dim: header.dim,
+        row_bytes: header.row_bytes,
+        keys,
+        rows,
+    })
 }
 
 #[cfg(test)]
@@ -341,7 +378,9 @@ mod tests {
     use super::*;
 
     fn sample(n: usize, rb: usize) -> (Vec<u64>, Vec<u8>) {
-        let keys: Vec<u64> = (0..n as u64).map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let keys: Vec<u64> = (0..n as u64)
+            .map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
         let rows: Vec<u8> = (0..n * rb).map(|i| (i * 7 % 251) as u8).collect();
         (keys, rows)
     }
@@ -354,7 +393,8 @@ mod tests {
             let bytes = encode_segment_to_vec(&h, &keys, &rows).unwrap();
             assert_eq!(bytes.len() as u64, h.file_len());
             let crc = crc32c::crc32c(&bytes);
-            let seg = read_segment_from(&bytes[..], bytes.len() as u64, Some(crc), "t.hps").unwrap();
+            let seg =
+                read_segment_from(&bytes[..], bytes.len() as u64, Some(crc), "t.hps").unwrap();
             assert_eq!(seg.keys, keys);
             assert_eq!(seg.rows, rows);
             assert_eq!(seg.dtype, "f32");

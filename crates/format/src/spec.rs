@@ -48,7 +48,10 @@ impl ModelSpec {
 
     /// Checks every rule a stored or new model must satisfy.
     pub fn validate(&self) -> Result<()> {
-        check_format_version(self.format_version, &format!("model.json of model {:?}", self.name))?;
+        check_format_version(
+            self.format_version,
+            &format!("model.json of model {:?}", self.name),
+        )?;
         validate_name("model", &self.name)?;
         if self.shards == 0 || !self.shards.is_power_of_two() {
             return Err(FormatError::invalid(format!(
@@ -204,7 +207,13 @@ impl OptimizerSpec {
                 self.kind
             )));
         }
-        let all = [self.learning_rate, self.beta1, self.beta2, self.epsilon, self.initial_accumulator];
+        let all = [
+            self.learning_rate,
+            self.beta1,
+            self.beta2,
+            self.epsilon,
+            self.initial_accumulator,
+        ];
         if all.iter().any(|v| !v.is_finite()) || self.learning_rate <= 0.0 {
             return Err(FormatError::invalid(format!(
                 "model {model:?} table {table:?}: optimizer parameters must be finite and the \
@@ -275,7 +284,11 @@ impl Manifest {
 
     /// Bytes of all files of this version.
     pub fn bytes(&self) -> u64 {
-        self.tables.iter().flat_map(|t| &t.files).map(|f| f.bytes).sum()
+        self.tables
+            .iter()
+            .flat_map(|t| &t.files)
+            .map(|f| f.bytes)
+            .sum()
     }
 }
 
@@ -365,7 +378,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -389,9 +404,15 @@ pub(crate) fn check_format_version(found: u32, what: &str) -> Result<()> {
 
 /// Parses a JSON document after checking its `format_version`, so an unknown version is
 /// reported as such instead of as a missing field.
-pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T> {
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        FormatError::corrupt(format!("{what} is not valid JSON ({e}); restore or rewrite it")).with_source(e)
+        FormatError::corrupt(format!(
+            "{what} is not valid JSON ({e}); restore or rewrite it"
+        ))
+        .with_source(e)
     })?;
     match value.get("format_version").and_then(|v| v.as_u64()) {
         Some(v) => check_format_version(u32::try_from(v).unwrap_or(u32::MAX), what)?,
@@ -402,8 +423,10 @@ pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8], what
         }
     }
     serde_json::from_value(value).map_err(|e| {
-        FormatError::corrupt(format!("{what} does not match format_version {FORMAT_VERSION} ({e})"))
-            .with_source(e)
+        FormatError::corrupt(format!(
+            "{what} does not match format_version {FORMAT_VERSION} ({e})"
+        ))
+        .with_source(e)
     })
 }
 
@@ -460,7 +483,12 @@ mod tests {
         ok.validate().unwrap();
         let mut bad = ok.clone();
         bad.shards = 3;
-        assert!(bad.validate().unwrap_err().to_string().contains("power of two"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
         let mut bad = ok.clone();
         bad.tables[0].dtype = "f64".into();
         assert!(bad.validate().unwrap_err().to_string().contains("dtype"));
@@ -484,11 +512,17 @@ mod tests {
     #[test]
     fn missing_policy_json_shape() {
         let t = TableSpec {
-            missing: MissingPolicy::Random { seed: 7, scale: 0.5 },
+            missing: MissingPolicy::Random {
+                seed: 7,
+                scale: 0.5,
+            },
             ..TableSpec::new("t", 2)
         };
         let s = serde_json::to_string(&t).unwrap();
-        assert!(s.contains(r#""missing":{"kind":"random","seed":7,"scale":0.5}"#), "{s}");
+        assert!(
+            s.contains(r#""missing":{"kind":"random","seed":7,"scale":0.5}"#),
+            "{s}"
+        );
         let back: TableSpec = serde_json::from_str(&s).unwrap();
         assert_eq!(back, t);
     }

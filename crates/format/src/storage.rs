@@ -54,10 +54,16 @@ impl StorageOptions {
                 .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
         }
         let mut o = self.clone();
-        o.s3_endpoint = o.s3_endpoint.or_else(|| env(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]));
-        o.s3_region = o.s3_region.or_else(|| env(&["AWS_REGION", "AWS_DEFAULT_REGION"]));
+        o.s3_endpoint = o
+            .s3_endpoint
+            .or_else(|| env(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]));
+        o.s3_region = o
+            .s3_region
+            .or_else(|| env(&["AWS_REGION", "AWS_DEFAULT_REGION"]));
         o.s3_access_key_id = o.s3_access_key_id.or_else(|| env(&["AWS_ACCESS_KEY_ID"]));
-        o.s3_secret_access_key = o.s3_secret_access_key.or_else(|| env(&["AWS_SECRET_ACCESS_KEY"]));
+        o.s3_secret_access_key = o
+            .s3_secret_access_key
+            .or_else(|| env(&["AWS_SECRET_ACCESS_KEY"]));
         o.s3_session_token = o.s3_session_token.or_else(|| env(&["AWS_SESSION_TOKEN"]));
         o
     }
@@ -68,8 +74,14 @@ impl StorageOptions {
 pub enum Location {
     /// An absolute local directory.
     Local(std::path::PathBuf),
-    S3 { bucket: String, prefix: String },
-    Hdfs { name_node: String, path: String },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    Hdfs {
+        name_node: String,
+        path: String,
+    },
 }
 
 impl Location {
@@ -115,7 +127,9 @@ impl Location {
             path.to_path_buf()
         } else {
             std::env::current_dir()
-                .map_err(|e| FormatError::local_io(path, "cannot resolve the relative repository path", e))?
+                .map_err(|e| {
+                    FormatError::local_io(path, "cannot resolve the relative repository path", e)
+                })?
                 .join(path)
         };
         Ok(Location::Local(abs))
@@ -125,7 +139,8 @@ impl Location {
 /// Builds the operator for `loc`, with timeouts and retries from `opts` (already env-resolved).
 pub(crate) fn operator(uri: &str, loc: &Location, opts: &StorageOptions) -> Result<Operator> {
     use opendal::layers::{RetryLayer, TimeoutLayer};
-    let build_err = |e: opendal::Error| FormatError::storage(format!("cannot open repository {uri}"), e);
+    let build_err =
+        |e: opendal::Error| FormatError::storage(format!("cannot open repository {uri}"), e);
     let op = match loc {
         Location::Local(path) => {
             let b = opendal::services::Fs::default().root(&path.to_string_lossy());
@@ -156,7 +171,9 @@ pub(crate) fn operator(uri: &str, loc: &Location, opts: &StorageOptions) -> Resu
         }
         #[cfg(feature = "hdfs")]
         Location::Hdfs { name_node, path } => {
-            let b = opendal::services::HdfsNative::default().name_node(name_node).root(path);
+            let b = opendal::services::HdfsNative::default()
+                .name_node(name_node)
+                .root(path);
             Operator::new(b).map_err(build_err)?
         }
         #[cfg(not(feature = "hdfs"))]
@@ -176,7 +193,11 @@ pub(crate) fn operator(uri: &str, loc: &Location, opts: &StorageOptions) -> Resu
                 .with_max_delay(Duration::from_secs(2))
                 .with_jitter(),
         )
-        .layer(TimeoutLayer::new().with_timeout(opts.timeout).with_io_timeout(io_timeout)))
+        .layer(
+            TimeoutLayer::new()
+                .with_timeout(opts.timeout)
+                .with_io_timeout(io_timeout),
+        ))
 }
 
 #[cfg(test)]
@@ -187,18 +208,32 @@ mod tests {
     fn parses_uris() {
         assert_eq!(
             Location::parse("s3://bkt/a/b/").unwrap(),
-            Location::S3 { bucket: "bkt".into(), prefix: "a/b".into() }
+            Location::S3 {
+                bucket: "bkt".into(),
+                prefix: "a/b".into()
+            }
         );
         assert_eq!(
             Location::parse("s3://bkt").unwrap(),
-            Location::S3 { bucket: "bkt".into(), prefix: String::new() }
+            Location::S3 {
+                bucket: "bkt".into(),
+                prefix: String::new()
+            }
         );
         assert_eq!(
             Location::parse("hdfs://nn:8020/models").unwrap(),
-            Location::Hdfs { name_node: "hdfs://nn:8020".into(), path: "/models".into() }
+            Location::Hdfs {
+                name_node: "hdfs://nn:8020".into(),
+                path: "/models".into()
+            }
         );
-        assert_eq!(Location::parse("file:///srv/repo").unwrap(), Location::Local("/srv/repo".into()));
-        assert!(matches!(Location::parse("rel/dir").unwrap(), Location::Local(p) if p.is_absolute()));
+        assert_eq!(
+            Location::parse("file:///srv/repo").unwrap(),
+            Location::Local("/srv/repo".into())
+        );
+        assert!(
+            matches!(Location::parse("rel/dir").unwrap(), Location::Local(p) if p.is_absolute())
+        );
         for bad in ["", "s3://", "gs://x/y", "file://relative", "hdfs:///p"] {
             let err = Location::parse(bad).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::InvalidInput, "{bad}");

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use hopps_format::segment::{SegmentHeader, encode_segment_to_vec, read_segment_from};
 use hopps_format::{
-    FileEntry, Manifest, ManifestTable, MissingPolicy, ModelSpec, OptimizerSpec, Repository, StorageOptions, TableSpec,
-    VersionKind,
+    FileEntry, Manifest, ManifestTable, MissingPolicy, ModelSpec, OptimizerSpec, Repository,
+    StorageOptions, TableSpec, VersionKind,
 };
 
 fn fixtures() -> PathBuf {
@@ -33,7 +33,13 @@ fn golden_segments() -> Vec<Golden> {
         .collect();
     let f32_seg = Golden {
         name: "emb/shard-00000-golden.hps",
-        header: SegmentHeader { rows: 5, dim: 4, row_bytes: 16, block_rows: 2, dtype: "f32".into() },
+        header: SegmentHeader {
+            rows: 5,
+            dim: 4,
+            row_bytes: 16,
+            block_rows: 2,
+            dtype: "f32".into(),
+        },
         keys,
         rows,
     };
@@ -42,20 +48,34 @@ fn golden_segments() -> Vec<Golden> {
     let rows: Vec<u8> = keys
         .iter()
         .flat_map(|&k| {
-            let mut r: Vec<u8> = (0..8).map(|j| (k as i8).wrapping_mul(j as i8) as u8).collect();
+            let mut r: Vec<u8> = (0..8)
+                .map(|j| (k as i8).wrapping_mul(j as i8) as u8)
+                .collect();
             r.extend_from_slice(&(k as f32 / 127.0).to_le_bytes());
             r
         })
         .collect();
     let int8_seg = Golden {
         name: "emb/shard-00001-golden.hps",
-        header: SegmentHeader { rows: 3, dim: 8, row_bytes: 12, block_rows: 1024, dtype: "int8".into() },
+        header: SegmentHeader {
+            rows: 3,
+            dim: 8,
+            row_bytes: 12,
+            block_rows: 1024,
+            dtype: "int8".into(),
+        },
         keys,
         rows,
     };
     let empty = Golden {
         name: "emb/shard-00002-golden.hps",
-        header: SegmentHeader { rows: 0, dim: 4, row_bytes: 8, block_rows: 1024, dtype: "bf16".into() },
+        header: SegmentHeader {
+            rows: 0,
+            dim: 4,
+            row_bytes: 8,
+            block_rows: 1024,
+            dtype: "bf16".into(),
+        },
         keys: vec![],
         rows: vec![],
     };
@@ -74,7 +94,10 @@ fn golden_spec() -> ModelSpec {
                 name: "item".into(),
                 dim: 8,
                 dtype: "int8".into(),
-                missing: MissingPolicy::Random { seed: 7, scale: 0.5 },
+                missing: MissingPolicy::Random {
+                    seed: 7,
+                    scale: 0.5,
+                },
                 optimizer: Some(OptimizerSpec::new("adagrad", 0.05)),
             },
         ],
@@ -92,7 +115,13 @@ fn golden_manifest(files: Vec<FileEntry>) -> Manifest {
         source: "hopps checkpoint".into(),
         rows: 8,
         wal_sequence: Some(99),
-        tables: vec![ManifestTable { name: "emb".into(), rows: 8, deletes: 0, duplicates: 0, files }],
+        tables: vec![ManifestTable {
+            name: "emb".into(),
+            rows: 8,
+            deletes: 0,
+            duplicates: 0,
+            files,
+        }],
     }
 }
 
@@ -102,7 +131,9 @@ fn ckpt_dir() -> PathBuf {
 
 #[tokio::test]
 async fn version_1_fixtures_read_exactly() {
-    let repo = Repository::open(fixtures().to_str().unwrap(), &StorageOptions::default()).await.unwrap();
+    let repo = Repository::open(fixtures().to_str().unwrap(), &StorageOptions::default())
+        .await
+        .unwrap();
     assert_eq!(repo.model("golden").await.unwrap(), golden_spec());
     let cps = repo.checkpoints("golden").await.unwrap();
     assert_eq!(cps.len(), 1);
@@ -114,7 +145,10 @@ async fn version_1_fixtures_read_exactly() {
         let seg = repo.read_segment(m, f).await.unwrap();
         assert_eq!(seg.keys, g.keys, "{}", g.name);
         assert_eq!(seg.rows, g.rows, "{}", g.name);
-        assert_eq!((seg.dtype.as_str(), seg.dim, seg.row_bytes), (g.header.dtype.as_str(), g.header.dim, g.header.row_bytes));
+        assert_eq!(
+            (seg.dtype.as_str(), seg.dim, seg.row_bytes),
+            (g.header.dtype.as_str(), g.header.dim, g.header.row_bytes)
+        );
     }
 }
 
@@ -124,8 +158,18 @@ fn todays_writer_reproduces_version_1_byte_for_byte() {
     for g in golden_segments() {
         let bytes = encode_segment_to_vec(&g.header, &g.keys, &g.rows).unwrap();
         let stored = std::fs::read(ckpt_dir().join(g.name)).unwrap();
-        assert_eq!(bytes, stored, "{} changed: a format change needs a new format version", g.name);
-        let seg = read_segment_from(&stored[..], stored.len() as u64, Some(crc32c::crc32c(&stored)), g.name).unwrap();
+        assert_eq!(
+            bytes, stored,
+            "{} changed: a format change needs a new format version",
+            g.name
+        );
+        let seg = read_segment_from(
+            &stored[..],
+            stored.len() as u64,
+            Some(crc32c::crc32c(&stored)),
+            g.name,
+        )
+        .unwrap();
         assert_eq!(seg.keys, g.keys);
         files.push(FileEntry {
             path: g.name.into(),
@@ -137,9 +181,17 @@ fn todays_writer_reproduces_version_1_byte_for_byte() {
         });
     }
     let manifest = serde_json::to_vec_pretty(&golden_manifest(files)).unwrap();
-    assert_eq!(manifest, std::fs::read(ckpt_dir().join("MANIFEST.json")).unwrap(), "MANIFEST.json changed");
+    assert_eq!(
+        manifest,
+        std::fs::read(ckpt_dir().join("MANIFEST.json")).unwrap(),
+        "MANIFEST.json changed"
+    );
     let spec = serde_json::to_vec_pretty(&golden_spec()).unwrap();
-    assert_eq!(spec, std::fs::read(fixtures().join("golden/model.json")).unwrap(), "model.json changed");
+    assert_eq!(
+        spec,
+        std::fs::read(fixtures().join("golden/model.json")).unwrap(),
+        "model.json changed"
+    );
 }
 
 /// Writes the version-1 fixtures. Run once when the version was introduced:
@@ -165,6 +217,14 @@ fn write_golden_fixtures() {
             checksum: format!("crc32c:{:08x}", crc32c::crc32c(&bytes)),
         });
     }
-    std::fs::write(ckpt_dir().join("MANIFEST.json"), serde_json::to_vec_pretty(&golden_manifest(files)).unwrap()).unwrap();
-    std::fs::write(fixtures().join("golden/model.json"), serde_json::to_vec_pretty(&golden_spec()).unwrap()).unwrap();
+    std::fs::write(
+        ckpt_dir().join("MANIFEST.json"),
+        serde_json::to_vec_pretty(&golden_manifest(files)).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        fixtures().join("golden/model.json"),
+        serde_json::to_vec_pretty(&golden_spec()).unwrap(),
+    )
+    .unwrap();
 }

@@ -239,18 +239,20 @@ async fn lookups_policies_errors_and_deltas() {
         .connect()
         .await
         .expect("health connect");
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let reply = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: hopps_proto::HOPPS_SERVICE.to_string(),
-        })
-        .await
-        .expect("health check")
-        .into_inner();
-    assert_eq!(
-        reply.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    wait_until("health says SERVING", || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: hopps_proto::HOPPS_SERVICE.to_string(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == serving)
+        }
+    })
+    .await;
 
     // Keys not a multiple of 8 bytes, through the raw wire client.
     let mut raw = v1::hopps_client::HoppsClient::connect(format!("http://{}", node.grpc))

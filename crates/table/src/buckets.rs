@@ -96,6 +96,20 @@ impl Occupancy {
     pub(crate) fn is_set(&self, s: usize) -> bool {
         self.bits[s / 64] & (1 << (s % 64)) != 0
     }
+    /// Prefetches the word holding `slot`'s bit.
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, slot: usize) {
+        if let Some(w) = self.bits.get(slot / 64) {
+            prefetch(w);
+        }
+    }
+
+    /// The first free slot of `bucket`, if any (where a new key of that home most likely goes).
+    #[inline(always)]
+    pub(crate) fn first_free(&self, bucket: usize) -> Option<usize> {
+        (0..B).find(|j| !self.is_set(bucket * B + j))
+    }
+
     /// First free slot at distance `< limit` from `from`, wrapping; returns the distance.
     fn free_distance(&self, from: usize, slots: usize, limit: usize) -> Option<usize> {
         let limit = limit.min(slots);
@@ -270,14 +284,14 @@ impl Buckets {
         prefetch(&b[ROWS - 1]);
     }
 
-    /// Prefetches a whole bucket (for the writer, which most often writes into the home).
+    /// Prefetches every line of the row of slot `slot` of bucket `bucket`.
     #[inline(always)]
-    pub(crate) fn prefetch_bucket(&self, home: usize) {
-        let b = self.bucket(home);
-        for w in b.iter().step_by(16) {
+    pub(crate) fn prefetch_slot_row(&self, bucket: usize, slot: usize) {
+        let row = self.row(self.bucket(bucket), slot);
+        for w in row.iter().step_by(16) {
             prefetch(w);
         }
-        if let Some(last) = b.last() {
+        if let Some(last) = row.last() {
             prefetch(last);
         }
     }
@@ -301,16 +315,10 @@ impl Buckets {
         if hint == NOWHERE {
             return;
         }
-        let b = self.bucket(self.wrap(home + (hint >> 8) as usize));
-        let row = self.row(b, (hint & 0xFF) as usize);
-        // Every line of the row: 16 words a line, plus the last word for a row that starts
-        // mid-line.
-        for w in row.iter().step_by(16) {
-            prefetch(w);
-        }
-        if let Some(last) = row.last() {
-            prefetch(last);
-        }
+        self.prefetch_slot_row(
+            self.wrap(home + (hint >> 8) as usize),
+            (hint & 0xFF) as usize,
+        );
     }
 
     /// Copies the first `out.len()` (<= row_bytes) bytes of `key`'s row into `out`; never returns

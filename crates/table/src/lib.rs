@@ -57,6 +57,6 @@ pub use buckets::mix;
 #[inline(always)]
 pub fn prefetch(data: &[u8]) {
     if let Some(b) = data.first() {
-        raw::prefetch_byte(b);
+        raw::prefetch(b);
     }
 }

@@ -84,33 +84,19 @@ impl Words {
     }
 }
 
-/// Hint the CPU to bring the line holding `word` into cache. Never faults.
+/// Hint the CPU to bring the line holding `value` into cache. Never faults.
 #[inline(always)]
-pub(crate) fn prefetch(word: &AtomicU32) {
+pub(crate) fn prefetch<T>(value: &T) {
     #[cfg(all(target_arch = "x86_64", not(loom)))]
     // SAFETY: prefetch is a hint with no architectural effect on memory; the address comes from
     // a live reference.
     unsafe {
         core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-            (word as *const AtomicU32).cast::<i8>(),
+            (value as *const T).cast::<i8>(),
         );
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = word;
-}
-
-/// Hint the CPU to bring the line holding `byte` into cache. Never faults.
-#[inline(always)]
-pub(crate) fn prefetch_byte(byte: &u8) {
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
-    // SAFETY: as in `prefetch`: a hint on the address of a live reference.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-            (byte as *const u8).cast::<i8>(),
-        );
-    }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = byte;
+    let _ = value;
 }
 
 /// Number of pin-counter stripes per parity.

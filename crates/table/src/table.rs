@@ -15,6 +15,12 @@ pub const MAX_LOAD: f64 = 0.97;
 /// requested before the first is probed. A 1000-key batch is one window.
 const WINDOW: usize = 1024;
 
+/// Keys of an `upsert_batch` sorted by home together (bounds the writer's scratch memory).
+const SORT_WINDOW: usize = 1 << 16;
+
+/// How many keys ahead `upsert_batch` prefetches.
+const AHEAD: usize = 8;
+
 fn slots_for(rows: usize) -> usize {
     ((rows as f64 / SIZED_LOAD).ceil() as usize).max(H * B)
 }
@@ -54,6 +60,8 @@ struct Writer {
     occupied: Occupancy,
     retired: Option<Retired<Buckets>>,
     row: Vec<u8>,
+    /// Scratch of `upsert_batch`: (home, index) of the keys, reused across calls.
+    order: Vec<(usize, u32)>,
 }
 
 impl Table {
@@ -79,6 +87,7 @@ impl Table {
                 occupied,
                 retired: None,
                 row: vec![0; row_bytes],
+                order: Vec::new(),
             }),
             len: AtomicUsize::new(0),
             slots: AtomicUsize::new(slots),
@@ -216,24 +225,39 @@ impl Table {
         self.reclaim(&mut w);
         // No growth up front: most batches of a running table are overwrites. Bulk loads size
         // the table first (`with_capacity` or `reserve`).
-        for (window, rows) in keys
-            .chunks(WINDOW)
-            .zip(rows.chunks(WINDOW * self.row_bytes.max(1)))
-        {
+        //
+        // Keys are applied in order of their home bucket (a stable order for equal homes, so a
+        // later duplicate still wins): the writes sweep the array instead of jumping around it,
+        // and the next keys' buckets are prefetched while one is written.
+        let mut order = std::mem::take(&mut w.order);
+        let rb = self.row_bytes;
+        for (base, window) in keys.chunks(SORT_WINDOW).enumerate() {
+            let base = base * SORT_WINDOW;
             {
                 let b = self.shared.current(&w.token);
-                for &k in window {
-                    b.prefetch_bucket(b.home(k));
-                }
-            }
-            for (i, &k) in window.iter().enumerate() {
-                self.upsert_one(
-                    &mut w,
-                    k,
-                    &rows[i * self.row_bytes..(i + 1) * self.row_bytes],
+                order.clear();
+                order.extend(
+                    window
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &k)| (b.home(k), (base + i) as u32)),
                 );
             }
+            order.sort_unstable();
+            for (pos, &(_, i)) in order.iter().enumerate() {
+                if let Some(&(h, _)) = order.get(pos + AHEAD) {
+                    let b = self.shared.current(&w.token);
+                    b.prefetch_home(h);
+                    w.occupied.prefetch(h * B);
+                    if let Some(j) = w.occupied.first_free(h) {
+                        b.prefetch_slot_row(h, j);
+                    }
+                }
+                let i = i as usize;
+                self.upsert_one(&mut w, keys[i], &rows[i * rb..(i + 1) * rb]);
+            }
         }
+        w.order = order;
     }
 
     /// Removes `key`; returns whether it was present.

@@ -4,22 +4,41 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int64Array, ListArray, RecordBatch, UInt64Array};
+use arrow_array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int64Array, ListArray, RecordBatch,
+    UInt64Array,
+};
 use arrow_schema::{DataType, Field, Schema};
 use hopps_format::{ModelSpec, PublishOptions, TableSpec};
 
 pub fn create(model: &str, shards: u32, tables: &[(&str, u32)]) -> PublishOptions {
     PublishOptions {
-        create: Some(ModelSpec::new(model, shards, tables.iter().map(|(n, d)| TableSpec::new(*n, *d)).collect())),
+        create: Some(ModelSpec::new(
+            model,
+            shards,
+            tables.iter().map(|(n, d)| TableSpec::new(*n, *d)).collect(),
+        )),
         source: "test".into(),
         ..Default::default()
     }
 }
 
 /// Writes a Parquet file the way pyarrow does: `key` uint64, `value` fixed_size_list<float32>.
-pub fn write_parquet(path: &Path, dim: i32, keys: &[u64], values: &[f32], deleted: Option<&[bool]>) {
+pub fn write_parquet(
+    path: &Path,
+    dim: i32,
+    keys: &[u64],
+    values: &[f32],
+    deleted: Option<&[bool]>,
+) {
     let item = Arc::new(Field::new("item", DataType::Float32, true));
-    let list = FixedSizeListArray::try_new(item.clone(), dim, Arc::new(Float32Array::from(values.to_vec())), None).unwrap();
+    let list = FixedSizeListArray::try_new(
+        item.clone(),
+        dim,
+        Arc::new(Float32Array::from(values.to_vec())),
+        None,
+    )
+    .unwrap();
     let mut fields = vec![
         Field::new("key", DataType::UInt64, false),
         Field::new("value", DataType::FixedSizeList(item, dim), true),
@@ -29,7 +48,10 @@ pub fn write_parquet(path: &Path, dim: i32, keys: &[u64], values: &[f32], delete
         fields.push(Field::new("deleted", DataType::Boolean, true));
         cols.push(Arc::new(BooleanArray::from(d.to_vec())));
     }
-    write_batch(path, RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap());
+    write_batch(
+        path,
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap(),
+    );
 }
 
 /// Writes a Parquet file the way Spark does: `key` int64, `value` list<float32> (variable length).
