@@ -105,8 +105,8 @@ grep -q 'NOT_FOUND' "$work/c_example.err" || die "C example: unknown model: $(ca
 # --- Go ---------------------------------------------------------------------------------------
 export CGO_ENABLED=1
 export CGO_LDFLAGS="-L$target -Wl,-rpath,$target"
-step "go vet and go test ./... (go/)"
-(cd go && go vet ./... && go test -count=1 ./...)
+step "go vet and go test -race ./... (go/)"
+(cd go && go vet ./... && go test -race -count=1 ./...)
 
 step "Go example"
 (cd examples/go && go run . -addr "$grpc" -model capi -table item 3 600) | tee "$work/go_example.out"

@@ -24,6 +24,8 @@ mod rollback;
 mod servers;
 mod wal;
 mod workload;
+// Checkpoint (.hps) and Parquet loads from a model repository (hopps-format).
+mod checkpoint;
 
 /// Flags every suite understands.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +65,8 @@ enum Suite {
     Wal(wal::WalArgs),
     /// Every suite, one after the other.
     All(all::AllArgs),
+    /// Loading a .hps checkpoint into tables against memcpy; Parquet loads of the same rows.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Suite::Load(args) => load::run(&args, options),
         Suite::Rollback(args) => rollback::run(&args, options),
         Suite::Wal(args) => wal::run(&args, options),
+        Suite::Checkpoint(args) => checkpoint::run(&args, options),
         Suite::All(args) => all::run(&args, options),
     }
 }

@@ -138,7 +138,7 @@ void hopps_error_free(hopps_error *err);
 //
 // # Safety
 // `addr` is a NUL-terminated string; `options` is NULL or points to a `hopps_options`; `out`
-// points to writable storage for one `hopps_client *`; `err` follows the module conventions.
+// points to writable storage for one `hopps_client *`; `err` follows the conventions at the top of this header.
 int32_t hopps_connect(const char *addr,
                       const hopps_options *options,
                       hopps_client **out,
@@ -170,7 +170,7 @@ void hopps_client_free(hopps_client *client);
 // `client` is a live handle; `model` and `table` are NUL-terminated strings; `keys` points to
 // `n_keys` keys (NULL if 0); `values` to `values_len` writable floats and `found` to
 // `found_len` writable bytes (NULL if 0), neither overlapping the other or `keys`; `version`,
-// `dim_out`, `version_out` are NULL or valid; `err` follows the module conventions.
+// `dim_out`, `version_out` are NULL or valid; `err` follows the conventions at the top of this header.
 int32_t hopps_lookup(const hopps_client *client,
                      const char *model,
                      const char *table,
@@ -204,7 +204,7 @@ int32_t hopps_lookup(const hopps_client *client,
 // `tables` and `key_counts` point to `n_tables` entries; `keys` to the sum of `key_counts`
 // keys; `values`, `found`, `dims_out` to `values_len` floats, `found_len` bytes and
 // `n_tables` u32 (all writable, none overlapping another buffer); `version` and `version_out`
-// NULL or valid; `err` follows the module conventions.
+// NULL or valid; `err` follows the conventions at the top of this header.
 int32_t hopps_multi_lookup(const hopps_client *client,
                            const char *model,
                            const char *const *tables,
@@ -226,7 +226,7 @@ int32_t hopps_multi_lookup(const hopps_client *client,
 //
 // # Safety
 // `client` is a live handle; `model` and `table` are NUL-terminated strings; `dim_out` points
-// to a writable u32; `err` follows the module conventions.
+// to a writable u32; `err` follows the conventions at the top of this header.
 int32_t hopps_table_dim(const hopps_client *client,
                         const char *model,
                         const char *table,
@@ -241,7 +241,7 @@ int32_t hopps_table_dim(const hopps_client *client,
 // # Safety
 // `client` is a live handle; `model` and `table` are NUL-terminated strings; `keys` points to
 // `n_keys` keys and `values` to `n_values` floats (NULL if 0); `ack_out` is NULL or writable;
-// `err` follows the module conventions.
+// `err` follows the conventions at the top of this header.
 int32_t hopps_upsert(const hopps_client *client,
                      const char *model,
                      const char *table,

@@ -87,18 +87,25 @@ impl Engine {
     }
 
     fn model(&self, name: &str) -> Result<Arc<Model>> {
-        self.inner.models.load().get(name).cloned().ok_or_else(|| {
-            let names: Vec<String> = self.inner.models.load().keys().cloned().collect();
-            EngineError::not_found(format!(
-                "model {name:?} is not served by this node (it serves: {}); check the name or \
-                 publish the model",
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            ))
-        })
+        self.inner
+            .models
+            .load()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.unknown_model(name))
+    }
+
+    fn unknown_model(&self, name: &str) -> EngineError {
+        let names: Vec<String> = self.inner.models.load().keys().cloned().collect();
+        EngineError::not_found(format!(
+            "model {name:?} is not served by this node (it serves: {}); check the name or \
+             publish the model",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ))
     }
 
     fn serving_view(&self, m: &Model) -> Result<Arc<View>> {
@@ -203,6 +210,7 @@ impl Engine {
         let shape = self.shape(&m.name).await?;
         let (lineage, committed, _, _) = self.read_lineage(&m.name).await?;
         m.runtime.lock().newest = committed.last().map(|c| c.version);
+        m.runtime.lock().empty = lineage.chain.is_empty();
         let Some(tip) = lineage.chain.len().checked_sub(1) else {
             return Err(EngineError::not_found(format!(
                 "model {} has no committed full version to serve; publish one",
@@ -293,7 +301,13 @@ impl Engine {
     /// True when every configured model serves a version.
     pub fn is_ready(&self) -> bool {
         let models = self.inner.models.load();
-        !models.is_empty() && models.values().all(|m| m.view.load().is_some())
+        // When serving every model of the repository, one created but never published does not
+        // hold the node back; a model named in the configuration does.
+        let all = self.inner.config.models.is_none();
+        !models.is_empty()
+            && models
+                .values()
+                .all(|m| m.view.load().is_some() || (all && m.runtime.lock().empty))
     }
 
     /// One watcher pass: picks up new models (when serving every model), loads models not yet
@@ -330,9 +344,7 @@ impl Engine {
 
     async fn poll_model(&self, m: &Arc<Model>) -> Result<()> {
         if m.view.load().is_none() {
-            if m.runtime.lock().state == "failed" && m.runtime.lock().failed.is_empty() {
-                // A failed first load is retried on every pass: the repository may be fixed.
-            }
+            // A failed first load is retried on every pass: the repository may have been fixed.
             if let Err(e) = self.load_model(m).await {
                 m.fail(None, e.to_string());
                 return Err(e);
@@ -559,25 +571,7 @@ impl Engine {
                  history, not to {to}"
             )));
         }
-        let (lineage, _, _, _) = self.read_lineage(model).await?;
-        let Some(pos_to) = lineage.position(to) else {
-            let chain: Vec<String> = lineage
-                .chain
-                .iter()
-                .map(|c| c.version.to_string())
-                .collect();
-            return Err(EngineError::precondition(format!(
-                "version {to} of model {model} is not in its served history ({}); choose one of those",
-                chain.join(", ")
-            )));
-        };
-        if lineage.position(from).is_none_or(|p| p < pos_to) {
-            return Err(EngineError::precondition(format!(
-                "model {model} serves version {from}, which is not a descendant of {to}; wait for \
-                 the node to catch up with the repository and retry"
-            )));
-        }
-        let method = self.plan_rollback(&m, &lineage, from, to).await?;
+        let (current, committed, _, history) = self.read_lineage(model).await?;
         let rec = HistoryRecord {
             seq: 0,
             time: now_rfc3339(),
@@ -585,7 +579,31 @@ impl Engine {
             version: to,
             from_version: Some(from),
             node: self.inner.config.node_id.clone(),
+            detail: String::new(),
+        };
+        // The chain as it will be once the rollback is recorded: `to` must be on it (this also
+        // allows rolling back across a newer full version, which started a new chain).
+        let lineage = {
+            let mut h = history;
+            h.push(rec.clone());
+            Lineage::compute(&committed, &h)
+        };
+        if current.position(from).is_none() || lineage.position(to).is_none() {
+            let chain: Vec<String> = current
+                .chain
+                .iter()
+                .map(|c| c.version.to_string())
+                .collect();
+            return Err(EngineError::precondition(format!(
+                "version {to} of model {model} is not an earlier version of what it serves ({from}; \
+                 served chain: {}); choose an earlier version of that history",
+                chain.join(", ")
+            )));
+        }
+        let method = self.plan_rollback(&m, &lineage, from, to).await?;
+        let rec = HistoryRecord {
             detail: format!("method {method}"),
+            ..rec
         };
         self.repo().append_history(model, &rec).await.map_err(|e| {
             EngineError::repository(
@@ -593,8 +611,6 @@ impl Engine {
                 e,
             )
         })?;
-        let mut lineage = lineage;
-        lineage.dead.push((to, from));
         let method = self.rollback_locked(&m, &lineage, from, to).await?;
         Ok(RollbackReport {
             model: model.to_string(),
@@ -811,10 +827,12 @@ impl Engine {
         out: &mut [f32],
         found: &mut [bool],
     ) -> Result<u64> {
-        let m = self.model(model)?;
+        // Borrowed, not cloned: no shared reference count is touched per request.
+        let models = self.inner.models.load();
+        let m = models.get(model).ok_or_else(|| self.unknown_model(model))?;
         let guard = m.view.load();
         let view = guard.as_ref().ok_or_else(|| {
-            self.serving_view(&m).err().unwrap_or_else(|| {
+            self.serving_view(m).err().unwrap_or_else(|| {
                 EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
             })
         })?;
@@ -831,10 +849,12 @@ impl Engine {
         version: Option<u64>,
         tables: &mut [TableLookup<'_>],
     ) -> Result<u64> {
-        let m = self.model(model)?;
+        // Borrowed, not cloned: no shared reference count is touched per request.
+        let models = self.inner.models.load();
+        let m = models.get(model).ok_or_else(|| self.unknown_model(model))?;
         let guard = m.view.load();
         let view = guard.as_ref().ok_or_else(|| {
-            self.serving_view(&m).err().unwrap_or_else(|| {
+            self.serving_view(m).err().unwrap_or_else(|| {
                 EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
             })
         })?;
@@ -946,6 +966,7 @@ impl Engine {
             m.undo_bytes.store(undo_log.bytes(), Ordering::Relaxed);
         }
         drop(undo_log);
+        drop(view);
         wal.wait_durable(seq).await?;
         Ok(WriteAck {
             version,

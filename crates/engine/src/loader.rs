@@ -286,7 +286,7 @@ async fn load_full(
             .read_table(m, &ts.name)
             .await
             .map_err(|e| EngineError::repository(what(), e))?;
-        let mut row = vec![0u8; ts.row_bytes];
+        let mut grouped = ShardBatches::new(shape.shards as usize);
         let mut last_bytes = 0;
         while let Some(batch) = reader
             .next_batch()
@@ -305,9 +305,10 @@ async fn load_full(
                 if batch.deleted.get(i).copied().unwrap_or(false) {
                     continue;
                 }
-                ts.encode_fresh(&batch.values[i * ts.dim..(i + 1) * ts.dim], &mut row);
-                tables.shards[t][shard_of(key, shape.shards) as usize].upsert(key, &row);
+                let row = grouped.push(shard_of(key, shape.shards) as usize, key, ts.row_bytes);
+                ts.encode_fresh(&batch.values[i * ts.dim..(i + 1) * ts.dim], row);
             }
+            grouped.flush(&tables.shards[t]);
             let read = reader.bytes_read();
             model.progress_add(batch.keys.len() as u64, read.saturating_sub(last_bytes));
             last_bytes = read;
@@ -405,7 +406,7 @@ pub(crate) async fn read_delta(
             .read_table(m, &ts.name)
             .await
             .map_err(|e| EngineError::repository(what(), e))?;
-        let mut tagged = vec![0u8; ts.row_bytes + 1];
+        let mut grouped = ShardBatches::new(shape.shards as usize);
         let mut last_bytes = 0;
         while let Some(batch) = reader
             .next_batch()
@@ -421,9 +422,10 @@ pub(crate) async fn read_delta(
                 batch.deleted.len(),
             )?;
             for (i, &key) in batch.keys.iter().enumerate() {
+                let shard = shard_of(key, shape.shards) as usize;
+                let tagged = grouped.push(shard, key, ts.row_bytes + 1);
                 if batch.deleted.get(i).copied().unwrap_or(false) {
                     tagged[0] = ABSENT;
-                    tagged[1..].fill(0);
                 } else {
                     tagged[0] = PRESENT;
                     ts.encode_fresh(
@@ -431,14 +433,51 @@ pub(crate) async fn read_delta(
                         &mut tagged[1..],
                     );
                 }
-                stage.shards[t][shard_of(key, shape.shards) as usize].upsert(key, &tagged);
             }
+            // Input order is kept per shard, so a later row of a key still wins.
+            grouped.flush(&stage.shards[t]);
             let read = reader.bytes_read();
             model.progress_add(batch.keys.len() as u64, read.saturating_sub(last_bytes));
             last_bytes = read;
         }
     }
     Ok(stage)
+}
+
+/// Rows of one input batch grouped by shard, so each shard's table takes them in one
+/// `upsert_batch` (one writer-lock acquisition and a bucket-ordered sweep, not one per key).
+pub(crate) struct ShardBatches {
+    keys: Vec<Vec<u64>>,
+    rows: Vec<Vec<u8>>,
+}
+
+impl ShardBatches {
+    pub(crate) fn new(shards: usize) -> ShardBatches {
+        ShardBatches {
+            keys: vec![Vec::new(); shards],
+            rows: vec![Vec::new(); shards],
+        }
+    }
+
+    /// Adds a row; returns its buffer to fill (`row_bytes` long).
+    pub(crate) fn push(&mut self, shard: usize, key: u64, row_bytes: usize) -> &mut [u8] {
+        self.keys[shard].push(key);
+        let rows = &mut self.rows[shard];
+        let at = rows.len();
+        rows.resize(at + row_bytes, 0);
+        &mut rows[at..]
+    }
+
+    /// Writes every buffered row into `tables` (one per shard) and empties the buffers.
+    pub(crate) fn flush(&mut self, tables: &[Table]) {
+        for ((keys, rows), table) in self.keys.iter_mut().zip(&mut self.rows).zip(tables) {
+            if !keys.is_empty() {
+                table.upsert_batch(keys, rows);
+                keys.clear();
+                rows.clear();
+            }
+        }
+    }
 }
 
 /// Copies of one shard's rows, for a checkpoint segment.

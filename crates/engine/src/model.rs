@@ -63,6 +63,8 @@ pub(crate) struct Runtime {
     pub failed: BTreeSet<u64>,
     pub staged: Option<u64>,
     pub last_checkpoint: Option<Instant>,
+    /// The model has no committed version to serve yet (created, nothing published).
+    pub empty: bool,
 }
 
 pub(crate) struct Model {
@@ -190,16 +192,22 @@ pub(crate) fn capture_undo(base: &Tables, changes: &RowSet) -> RowSet {
             ct.iter()
                 .zip(bt)
                 .map(|(c, b)| {
-                    let undo = Table::with_capacity(c.row_bytes(), c.len());
-                    let mut tagged = vec![0u8; c.row_bytes()];
+                    let tb = c.row_bytes();
+                    let mut keys = Vec::with_capacity(c.len());
+                    let mut rows = Vec::with_capacity(c.len() * tb);
                     c.for_each(|key, _| {
-                        let present = b.get(key, &mut tagged[1..]);
-                        tagged[0] = if present { PRESENT } else { ABSENT };
-                        if !present {
-                            tagged[1..].fill(0);
-                        }
-                        undo.upsert(key, &tagged);
+                        keys.push(key);
+                        let at = rows.len();
+                        rows.resize(at + tb, 0);
+                        let tagged = &mut rows[at..];
+                        tagged[0] = if b.get(key, &mut tagged[1..]) {
+                            PRESENT
+                        } else {
+                            ABSENT
+                        };
                     });
+                    let undo = Table::with_capacity(tb, keys.len());
+                    undo.upsert_batch(&keys, &rows);
                     undo
                 })
                 .collect()
@@ -208,18 +216,28 @@ pub(crate) fn capture_undo(base: &Tables, changes: &RowSet) -> RowSet {
     Tables { shards }
 }
 
-/// Applies tagged rows to `base` in place (upsert or delete per key).
+/// Applies tagged rows to `base` in place: upserts in one batch per shard (a bucket-ordered
+/// sweep under one writer-lock acquisition), then deletes.
 pub(crate) fn merge(base: &Tables, changes: &RowSet) {
     for (ct, bt) in changes.shards.iter().zip(&base.shards) {
         for (c, b) in ct.iter().zip(bt) {
-            b.reserve(c.len());
+            let rb = b.row_bytes();
+            let mut keys = Vec::with_capacity(c.len());
+            let mut rows = Vec::with_capacity(c.len() * rb);
+            let mut deletes = Vec::new();
             c.for_each(|key, tagged| {
                 if tagged[0] == PRESENT {
-                    b.upsert(key, &tagged[1..]);
+                    keys.push(key);
+                    rows.extend_from_slice(&tagged[1..]);
                 } else {
-                    b.delete(key);
+                    deletes.push(key);
                 }
             });
+            b.reserve(keys.len());
+            b.upsert_batch(&keys, &rows);
+            for key in deletes {
+                b.delete(key);
+            }
         }
     }
 }

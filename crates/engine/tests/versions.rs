@@ -299,6 +299,13 @@ async fn a_load_beyond_the_memory_limit_is_refused_before_it_starts() {
     let err = st.models[0].last_error.clone().unwrap();
     assert!(err.contains("memory limit"), "{err}");
     assert_eq!(st.models[0].load_failures, 1);
+    // The watcher retries and fails the same way (and does not hang on the failed model).
+    tokio::time::timeout(Duration::from_secs(10), e.poll_repository())
+        .await
+        .expect("poll of a failed model returns")
+        .unwrap();
+    assert_eq!(e.status().models[0].load_failures, 2);
+    assert!(!e.is_ready());
 }
 
 #[tokio::test]
@@ -401,4 +408,28 @@ async fn push_without_optimizer_is_refused() {
     let e: Engine = fx.engine().await;
     let err = e.push(MODEL, TABLE, &[1], &[1.0; DIM]).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_bad_full_version_can_be_rolled_back() {
+    let fx = Fixture::new().await;
+    let r1 = base_rows(100);
+    let v1 = publish_full(&fx.repo, &spec(2), &r1).await;
+    let u2: Rows = (0..10).map(|k| (k, row_of(k, 2))).collect();
+    let v2 = publish_delta(&fx.repo, v1, &u2, &[]).await;
+    let r2 = apply(&r1, &u2, &[]);
+    let e = fx.engine().await;
+    let bad: Rows = (0..50).map(|k| (k, row_of(k, 9))).collect();
+    let v3 = publish_full(&fx.repo, &spec(2), &bad).await;
+    e.poll_repository().await.unwrap();
+    assert_eq!(assert_rows(&e, &universe(100), &bad, None), v3);
+    let rep = e.rollback(MODEL, v2).await.unwrap();
+    assert_eq!(rep.method, "rebuild");
+    assert_eq!(assert_rows(&e, &universe(100), &r2, None), v2);
+    e.poll_repository().await.unwrap();
+    assert_eq!(
+        assert_rows(&e, &universe(100), &r2, None),
+        v2,
+        "the bad full is not reloaded"
+    );
 }

@@ -45,10 +45,14 @@ pub fn pack_values(values: &[f32]) -> Bytes {
 }
 
 /// Appends f32 values as little-endian bytes to `buf`.
+///
+/// Sized once and filled by fixed-size chunks, which compiles to a straight copy loop on
+/// little-endian machines (a `put_f32_le` per value checks capacity every time).
 pub fn put_values(buf: &mut BytesMut, values: &[f32]) {
-    buf.reserve(values.len() * VALUE_BYTES);
-    for &value in values {
-        buf.put_f32_le(value);
+    let start = buf.len();
+    buf.resize(start + values.len() * VALUE_BYTES, 0);
+    for (dst, value) in buf[start..].chunks_exact_mut(VALUE_BYTES).zip(values) {
+        dst.copy_from_slice(&value.to_le_bytes());
     }
 }
 
