@@ -434,7 +434,7 @@ fn run_dim<const D: usize>(args: &TableArgs, options: Options) -> Result<()> {
         }
         let mut record = json!({
             "suite": "table",
-            "keys": table.len(),
+            "keys": keys.len(),
             "dim": D,
             "dist": dist.name(),
             "batch": batch,

@@ -161,7 +161,9 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
         redis_load(&mut conn, &data).await?;
     }
 
-    let mut last_written: Option<(Arc<Writes>, usize)> = None;
+    // Each side's last acknowledged batch (the sides do not get through the same batches).
+    let mut hopps_last: Option<(Arc<Writes>, usize)> = None;
+    let mut redis_last: Option<(Arc<Writes>, usize)> = None;
     for &batch in &batches {
         for &conns in &connections {
             let writes = Arc::new(Writes::draw(
@@ -185,7 +187,10 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
             )
             .await?;
             if let Some(b) = h.last().and_then(|r| r.last) {
-                last_written = Some((Arc::clone(&writes), b));
+                hopps_last = Some((Arc::clone(&writes), b));
+            }
+            if let Some(b) = r.last().and_then(|r| r.last) {
+                redis_last = Some((Arc::clone(&writes), b));
             }
             let hf = figures(&mut h);
             let rf = figures(&mut r);
@@ -211,7 +216,8 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
     }
 
     let wal_bytes = hopps.connect().await?.status().await?.wal_bytes;
-    let (writes, last) = last_written.context("no write was acknowledged")?;
+    let hopps_last = hopps_last.context("hopps acknowledged no write")?;
+    let redis_last = redis_last.context("redis acknowledged no write")?;
     // A crash: both processes are killed without warning, then restarted on their files.
     drop(hopps);
     drop(redis);
@@ -219,11 +225,24 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let redis = RedisServer::start(&redis_options).await?;
     let redis_restart = started.elapsed();
+
+    let (writes, last) = hopps_last;
     let range = writes.range(last);
-    let rows_written = &writes.rows[range.clone()];
-    let keys = &writes.keys[range];
-    let got = hopps.connect().await?.lookup(MODEL, TABLE, keys).await?;
-    check_written(&data, rows_written, &got.values, "hopps after a crash")?;
+    let got = hopps
+        .connect()
+        .await?
+        .lookup(MODEL, TABLE, &writes.keys[range.clone()])
+        .await?;
+    check_written(
+        &data,
+        &writes.rows[range],
+        &got.values,
+        "hopps after a crash",
+    )?;
+
+    let (writes, last) = redis_last;
+    let range = writes.range(last);
+    let keys = &writes.keys[range.clone()];
     let mut conn = redis.connect().await?;
     let mut bytes = vec![0u8; keys.len() * writes.dim * 4];
     let mut found = vec![false; keys.len()];
@@ -231,7 +250,7 @@ pub async fn suite(sides: &Sides, args: &WalArgs) -> anyhow::Result<()> {
         .await?;
     let mut values = Vec::new();
     f32s_of(&bytes, &mut values);
-    check_written(&data, rows_written, &values, "redis after a crash")?;
+    check_written(&data, &writes.rows[range], &values, "redis after a crash")?;
 
     let mut rec = Record::new("wal");
     rec.set("kind", "restart")

@@ -153,8 +153,10 @@ impl ServeFlags {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for people at a terminal; files and log collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second init in one process (tests, the demo) keeps the first subscriber.
     let _ = match format {
@@ -226,6 +228,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
     tracing::info!(repo = %config.repo, models = ?config.models, "opening the model repository");
     let engine = open_engine(&config).await?;
+    if engine.models().is_empty() {
+        tracing::warn!(
+            repo = %config.repo,
+            "the repository holds no models yet; the node serves them as they are published \
+             (`hopps model publish --repo ...`); check --repo if you expected some"
+        );
+    }
     let grpc = bind(&config.listen, "--listen").await?;
     let admin = bind(&config.admin_listen, "--admin-listen").await?;
     let grpc_addr = grpc.local_addr()?;
@@ -916,59 +925,59 @@ async fn run_bench(
     source: &KeySource,
     key_space: u64,
 ) -> Result<BenchReport> {
+    // Key batches are drawn before the clock starts and reused in turn, so the generator's cost
+    // (a Zipf draw is a binary search) stays out of the figures.
+    let mut pools = Vec::new();
+    for c in 0..clients.len() {
+        for i in 0..args.inflight {
+            let mut rng = SmallRng::seed_from_u64(args.seed ^ ((c as u64) << 32 | i as u64));
+            let pool: Vec<Vec<u64>> = (0..BATCH_POOL)
+                .map(|_| {
+                    let mut keys = vec![0u64; args.batch];
+                    source.fill(&mut rng, &mut keys);
+                    keys
+                })
+                .collect();
+            pools.push((c, pool));
+        }
+    }
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
     let mut tasks = Vec::new();
-    for (c, client) in clients.iter().enumerate() {
-        for i in 0..args.inflight {
-            let client = client.clone();
-            let source = source.clone();
-            let model = args.model.clone();
-            let table = args.table.clone();
-            let batch = args.batch;
-            let seed = args.seed ^ ((c as u64) << 32 | i as u64);
-            tasks.push(tokio::spawn(async move {
-                // Key batches are drawn before the clock starts and reused in turn, so the
-                // generator's cost (a Zipf draw is a binary search) stays out of the figures.
-                let mut rng = SmallRng::seed_from_u64(seed);
-                let pool: Vec<Vec<u64>> = (0..BATCH_POOL)
-                    .map(|_| {
-                        let mut keys = vec![0u64; batch];
-                        source.fill(&mut rng, &mut keys);
-                        keys
-                    })
-                    .collect();
-                let mut latencies: Vec<u32> = Vec::new();
-                let mut errors = 0u64;
-                let mut first_error = None;
-                for keys in pool.iter().cycle() {
-                    let now = Instant::now();
-                    if now >= end {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let result = client.lookup(&model, &table, keys).await;
-                    let done = Instant::now();
-                    if sent < measure_from {
-                        continue;
-                    }
-                    match result {
-                        Ok(_) => latencies.push(
-                            u32::try_from(done.duration_since(sent).as_micros())
-                                .unwrap_or(u32::MAX),
-                        ),
-                        Err(err) => {
-                            errors += 1;
-                            if first_error.is_none() {
-                                first_error = Some(err.to_string());
-                            }
+    for (c, pool) in pools {
+        let client = clients[c].clone();
+        let model = args.model.clone();
+        let table = args.table.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut errors = 0u64;
+            let mut first_error = None;
+            for keys in pool.iter().cycle() {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                let sent = Instant::now();
+                let result = client.lookup(&model, &table, keys).await;
+                let done = Instant::now();
+                if sent < measure_from {
+                    continue;
+                }
+                match result {
+                    Ok(_) => latencies.push(
+                        u32::try_from(done.duration_since(sent).as_micros()).unwrap_or(u32::MAX),
+                    ),
+                    Err(err) => {
+                        errors += 1;
+                        if first_error.is_none() {
+                            first_error = Some(err.to_string());
                         }
                     }
                 }
-                (latencies, errors, first_error)
-            }));
-        }
+            }
+            (latencies, errors, first_error)
+        }));
     }
     let mut latencies = Vec::new();
     let mut errors = 0;

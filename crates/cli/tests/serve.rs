@@ -696,7 +696,12 @@ fn a_version_that_fails_to_load_leaves_the_previous_one_serving() {
         Some(1.0),
         "{text}"
     );
-    assert!(server.log().contains("m"), "the failure is logged");
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("version failed") && l.contains("model=m")),
+        "the failure is logged:\n{log}"
+    );
     assert!(server.terminate().success());
 }
 

@@ -3,7 +3,10 @@
 
 mod common;
 
-use hopps_format::{InputFile, PublishRequest, Repository, StorageOptions, TableInput, VersionKind, shard_hash, shard_of};
+use hopps_format::{
+    InputFile, PublishRequest, Repository, StorageOptions, TableInput, VersionKind, shard_hash,
+    shard_of,
+};
 
 /// `xxhash.xxh64_intdigest(struct.pack("<Q", key), seed=42)`.
 const VECTORS: [(u64, u64); 13] = [
@@ -27,7 +30,11 @@ fn hash_matches_reference_vectors() {
     for (key, hash) in VECTORS {
         assert_eq!(shard_hash(key), hash, "key {key}");
         for s in [1u32, 2, 8, 64, 1024, 1 << 16] {
-            assert_eq!(u64::from(shard_of(key, s)), hash % u64::from(s), "key {key} shards {s}");
+            assert_eq!(
+                u64::from(shard_of(key, s)),
+                hash % u64::from(s),
+                "key {key} shards {s}"
+            );
             // Spark sees the key as a signed long and the hash as a signed long:
             // pmod(h, S) == (h as u64) % S for power-of-two S.
             let spark = (hash as i64).rem_euclid(i64::from(s)) as u64;
@@ -54,7 +61,8 @@ fn shards_are_balanced() {
 #[tokio::test]
 #[ignore]
 async fn spark_sql_agrees_and_its_output_publishes() {
-    let python = std::env::var("HOPPS_SPARK_PYTHON").expect("set HOPPS_SPARK_PYTHON to a python with pyspark");
+    let python = std::env::var("HOPPS_SPARK_PYTHON")
+        .expect("set HOPPS_SPARK_PYTHON to a python with pyspark");
     let dir = tempfile::tempdir().unwrap();
     let keys: Vec<i64> = VECTORS
         .iter()
@@ -62,14 +70,22 @@ async fn spark_sql_agrees_and_its_output_publishes() {
         .chain((0..2000i64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15u64 as i64)))
         .collect();
     let keys_file = dir.path().join("keys.txt");
-    std::fs::write(&keys_file, keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        &keys_file,
+        keys.iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
     let out = dir.path().join("spark_out");
     let hashes = dir.path().join("hashes.csv");
     let script = format!(
         r#"
 import sys
 from pyspark.sql import SparkSession
-spark = SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false").getOrCreate()
+spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
+         .config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1").getOrCreate())
 keys = [int(l) for l in open({keys:?}) if l.strip()]
 df = spark.createDataFrame([(k,) for k in keys], "key long")
 rows = df.selectExpr("key", "xxhash64(key) AS h", "pmod(xxhash64(key), 8) AS s8", "pmod(xxhash64(key), 1024) AS s1024").collect()
@@ -86,7 +102,13 @@ spark.stop()
         hashes = hashes.display().to_string(),
         out = out.display().to_string(),
     );
-    let status = std::process::Command::new(&python).arg("-c").arg(&script).status().expect("run python");
+    // Spark binds its driver to loopback only.
+    let status = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(&script)
+        .env("SPARK_LOCAL_IP", "127.0.0.1")
+        .status()
+        .expect("run python");
     assert!(status.success(), "the Spark job failed");
     let text = std::fs::read_to_string(&hashes).unwrap();
     let mut checked = 0;
@@ -95,19 +117,38 @@ spark.stop()
         let key = f[0] as u64;
         assert_eq!(shard_hash(key) as i64, f[1], "xxhash64({})", f[0]);
         assert_eq!(i64::from(shard_of(key, 8)), f[2], "pmod 8 of {}", f[0]);
-        assert_eq!(i64::from(shard_of(key, 1024)), f[3], "pmod 1024 of {}", f[0]);
+        assert_eq!(
+            i64::from(shard_of(key, 1024)),
+            f[3],
+            "pmod 1024 of {}",
+            f[0]
+        );
         checked += 1;
     }
     assert_eq!(checked, keys.len());
 
     // Spark's directory publishes as is, each file checked to hold only its shard's keys.
     let inputs = InputFile::from_path(&out).unwrap();
-    assert!(inputs.iter().all(|i| matches!(i, InputFile::Sharded { .. })), "{inputs:?}");
-    let repo = Repository::open(dir.path().join("repo").to_str().unwrap(), &StorageOptions::default()).await.unwrap();
+    assert!(
+        inputs
+            .iter()
+            .all(|i| matches!(i, InputFile::Sharded { .. })),
+        "{inputs:?}"
+    );
+    let repo = Repository::open(
+        dir.path().join("repo").to_str().unwrap(),
+        &StorageOptions::default(),
+    )
+    .await
+    .unwrap();
     let req = PublishRequest {
         model: "spark".into(),
         kind: VersionKind::Full,
-        tables: vec![TableInput { table: "emb".into(), dim: 3, inputs }],
+        tables: vec![TableInput {
+            table: "emb".into(),
+            dim: 3,
+            inputs,
+        }],
         options: common::create("spark", 8, &[("emb", 3)]),
     };
     let s = repo.publish(&req, &|_| {}).await.unwrap();

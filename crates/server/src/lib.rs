@@ -279,7 +279,7 @@ fn log_loaded(engine: &Engine, started: Instant) {
             }
             None => tracing::info!(
                 model = %m.name,
-                version = ?m.serving_version,
+                version = m.serving_version.unwrap_or_default(),
                 rows = m.rows,
                 memory_bytes = m.memory_bytes,
                 "model loaded"

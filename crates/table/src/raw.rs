@@ -100,7 +100,7 @@ pub(crate) fn prefetch<T>(value: &T) {
 }
 
 /// Number of pin-counter stripes per parity.
-const STRIPES: usize = if cfg!(loom) { 1 } else { 8 };
+const STRIPES: usize = if cfg!(loom) { 1 } else { 4 };
 
 /// A pointer to the current `T` (the bucket array), read by any number of readers and replaced by
 /// one writer.
