@@ -480,7 +480,7 @@ impl Repository {
                 .filter(|t| !dims.iter().any(|(n, _)| *n == t.name))
                 .map(|t| t.name.as_str())
                 .collect();
-            if !missing.is_empty() && !listing.committed.is_empty() {
+            if !missing.is_empty() {
                 return Err(FormatError::invalid(format!(
                     "model {model:?}: a full version holds every table, but this publish lacks {}; \
                      publish all tables together (tables: {}), or publish these rows as a delta",

@@ -34,6 +34,8 @@
 //! The layout, the concurrency protocol and the invariants are described in the crate's
 //! section of ARCHITECTURE.md and on the private modules.
 #![deny(unsafe_code)]
+// Under loom a bucket has one slot and readers one stripe, so some `x % 1` are intended.
+#![cfg_attr(loom, allow(clippy::modulo_one))]
 #![warn(missing_debug_implementations)]
 
 mod buckets;

@@ -2,7 +2,8 @@
 //! the table grows under the readers) and deletes some, while reader threads check every row
 //! they get. Zero torn rows allowed.
 //!
-//! Scale with `HOPPS_STRESS_KEYS` (default 20 000) and `HOPPS_STRESS_GENERATIONS` (default 30).
+//! Scale with `HOPPS_STRESS_KEYS` (default 20 000, 8 000 unoptimised) and
+//! `HOPPS_STRESS_GENERATIONS` (default 30, 12 unoptimised).
 
 use hopps_table::Table;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,8 +42,10 @@ fn check(key: u64, r: &[u8]) -> Option<u32> {
 
 #[test]
 fn readers_never_see_torn_rows() {
-    let keys = env("HOPPS_STRESS_KEYS", 20_000);
-    let generations = env("HOPPS_STRESS_GENERATIONS", 30) as u32;
+    // Smaller by default in unoptimised builds (CI's `cargo test`).
+    let debug = cfg!(debug_assertions);
+    let keys = env("HOPPS_STRESS_KEYS", if debug { 8_000 } else { 20_000 });
+    let generations = env("HOPPS_STRESS_GENERATIONS", if debug { 12 } else { 30 }) as u32;
     // Sized for half the keys: the second half arrives during the run and grows the table.
     let table = Table::with_capacity(ROW, keys as usize / 2);
     for k in 0..keys / 2 {
