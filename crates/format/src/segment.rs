@@ -319,19 +319,22 @@ pub fn read_segment_from<R: Read>(
     let mut keys = Vec::with_capacity(n_rows);
     let mut rows = vec![0u8; n_rows * rb];
     let br = header.block_rows as usize;
-    let mut buf = vec![0u8; header.block_len(br.min(n_rows.max(1)) as u64) as usize];
+    // Keys go through a small buffer (they need decoding); rows are read straight into their
+    // final place, so each row byte is copied once and checksummed once.
+    let mut key_buf = vec![0u8; br.min(n_rows.max(1)) * 8];
     let mut done = 0usize;
     let mut block = 0u64;
     while done < n_rows {
         let n = br.min(n_rows - done);
-        let blen = header.block_len(n as u64) as usize;
-        let b = &mut buf[..blen];
-        r.read_exact(b)
-            .map_err(|e| io(e, &format!("block {block}")))?;
-        file_crc = crc32c::crc32c_append(file_crc, b);
-        let data = n * (8 + rb);
-        let stored = u32::from_le_bytes([b[data], b[data + 1], b[data + 2], b[data + 3]]);
-        let computed = crc32c::crc32c(&b[..data]);
+        let kb = &mut key_buf[..n * 8];
+        r.read_exact(kb).map_err(|e| io(e, &format!("block {block}")))?;
+        let dst = &mut rows[done * rb..(done + n) * rb];
+        r.read_exact(dst).map_err(|e| io(e, &format!("block {block}")))?;
+        let mut tail = [0u8; 12];
+        let tail_len = header.block_len(n as u64) as usize - n * (8 + rb);
+        r.read_exact(&mut tail[..tail_len]).map_err(|e| io(e, &format!("block {block}")))?;
+        let computed = crc32c::crc32c_append(crc32c::crc32c(kb), dst);
+        let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
         if stored != computed {
             return Err(FormatError::corrupt(format!(
                 "segment {what}: block {block} (rows {done}..{}) checksum {stored:08x} != computed \
@@ -339,12 +342,13 @@ pub fn read_segment_from<R: Read>(
                 done + n
             )));
         }
+        // The whole-file CRC follows from the block's CRC without a second pass over it.
+        let block_crc = crc32c::crc32c_append(computed, &tail[..tail_len]);
+        file_crc = crc32c::crc32c_combine(file_crc, block_crc, n * (8 + rb) + tail_len);
         keys.extend(
-            b[..n * 8]
-                .chunks_exact(8)
+            kb.chunks_exact(8)
                 .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
         );
-        rows[done * rb..(done + n) * rb].copy_from_slice(&b[n * 8..data]);
         done += n;
         block += 1;
     }
