@@ -11,7 +11,9 @@
 
 use std::time::Instant;
 
-use hopps_format::{PublishOptions, Repository, StorageOptions, TableArrays, TableSpec, VersionKind};
+use hopps_format::{
+    PublishOptions, Repository, StorageOptions, TableArrays, TableSpec, VersionKind,
+};
 
 use crate::Options;
 use crate::measure::{Spread, ratio};
@@ -34,13 +36,17 @@ pub struct CheckpointArgs {
 }
 
 pub fn run(args: &CheckpointArgs, options: Options) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(args, options))
 }
 
 async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()> {
     let report = Report { json: options.json };
-    let target = args.bytes.unwrap_or(if options.quick { 64 << 20 } else { 1 << 30 });
+    let target = args
+        .bytes
+        .unwrap_or(if options.quick { 64 << 20 } else { 1 << 30 });
     let rounds = if options.quick { 2 } else { args.rounds.max(1) };
     let dim = args.dim as usize;
     let row_bytes = dim * 4;
@@ -48,11 +54,20 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
     let shards = args.shards.max(1);
 
     let dir = tempfile::tempdir()?;
-    let repo = Repository::open(dir.path().to_str().unwrap_or("."), &StorageOptions::default()).await?;
+    let repo = Repository::open(
+        dir.path().to_str().unwrap_or("."),
+        &StorageOptions::default(),
+    )
+    .await?;
 
     // The rows: keys spread over the whole u64 range, values a cheap function of key and column.
-    report.note(&format!("generating {rows} rows of dim {dim} ({:.0} MiB)", (rows * (8 + row_bytes)) as f64 / 1048576.0));
-    let keys: Vec<u64> = (0..rows as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).collect();
+    report.note(&format!(
+        "generating {rows} rows of dim {dim} ({:.0} MiB)",
+        (rows * (8 + row_bytes)) as f64 / 1048576.0
+    ));
+    let keys: Vec<u64> = (0..rows as u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        .collect();
     let values: Vec<f32> = (0..rows * dim).map(|i| (i % 1000) as f32 * 0.001).collect();
 
     report.note("publishing the rows as a Parquet version");
@@ -60,14 +75,21 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
     repo.publish_arrays(
         "bench",
         VersionKind::Full,
-        &[TableArrays { table: "emb", dim: args.dim, keys: &keys, values: &values, deleted: None }],
+        &[TableArrays {
+            table: "emb",
+            dim: args.dim,
+            keys: &keys,
+            values: &values,
+            deleted: None,
+        }],
         &create,
     )
     .await?;
     let version = repo.manifest("bench", 1).await?;
 
     report.note("writing the checkpoint: one .hps segment per shard");
-    let mut per_shard: Vec<(Vec<u64>, Vec<u8>)> = (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+    let mut per_shard: Vec<(Vec<u64>, Vec<u8>)> =
+        (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
     for (i, &k) in keys.iter().enumerate() {
         let s = &mut per_shard[hopps_format::shard_of(k, shards) as usize];
         s.0.push(k);
@@ -78,7 +100,8 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
     drop(values);
     let mut w = repo.checkpoint_writer("bench", 1).await?;
     for (s, (k, r)) in per_shard.iter().enumerate() {
-        w.write_segment("emb", s as u32, "f32", args.dim, row_bytes as u32, k, r).await?;
+        w.write_segment("emb", s as u32, "f32", args.dim, row_bytes as u32, k, r)
+            .await?;
     }
     let checkpoint = w.commit(None).await?;
     drop(per_shard);
@@ -88,9 +111,13 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
 
     // The baseline's source: the same bytes, already in memory.
     let seg_dir = dir.path().join(Repository::version_dir(&checkpoint));
-    let sources: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(seg_dir.join(&f.path))).collect::<Result<_, _>>()?;
+    let sources: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(seg_dir.join(&f.path)))
+        .collect::<Result<_, _>>()?;
 
-    let (mut copy, mut read, mut into_table, mut parquet) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut copy, mut read, mut into_table, mut parquet) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         report.note(&format!("round {}/{rounds}", round + 1));
         // Baseline: copy the segment bytes into freshly allocated memory.
@@ -123,7 +150,10 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
             tables.push(table);
         }
         into_table.push(file_bytes as f64 / t.elapsed().as_secs_f64());
-        anyhow::ensure!(tables.iter().map(|t| t.len()).sum::<usize>() == rows, "rows lost loading tables");
+        anyhow::ensure!(
+            tables.iter().map(|t| t.len()).sum::<usize>() == rows,
+            "rows lost loading tables"
+        );
         drop(tables);
 
         // The same rows from the Parquet version, decoded to f32 batches.
@@ -138,7 +168,8 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
     }
 
     let med = |v: &[f64]| Spread::of(v).map(|s| s.median).unwrap_or(0.0);
-    let (copy_bps, read_bps, table_bps, pq_rows) = (med(&copy), med(&read), med(&into_table), med(&parquet));
+    let (copy_bps, read_bps, table_bps, pq_rows) =
+        (med(&copy), med(&read), med(&into_table), med(&parquet));
     let hps_rows = table_bps / file_bytes as f64 * rows as f64;
     let mut r = Record::new("checkpoint");
     r.set("rows", rows as u64)
@@ -149,11 +180,20 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
         .set("memcpy_gib_s", copy_bps / 1073741824.0)
         .set("hps_read_gib_s", read_bps / 1073741824.0)
         .set("hps_into_table_gib_s", table_bps / 1073741824.0)
-        .set("hps_read_vs_memcpy", ratio(read_bps, copy_bps).unwrap_or(0.0))
-        .set("hps_into_table_vs_memcpy", ratio(table_bps, copy_bps).unwrap_or(0.0))
+        .set(
+            "hps_read_vs_memcpy",
+            ratio(read_bps, copy_bps).unwrap_or(0.0),
+        )
+        .set(
+            "hps_into_table_vs_memcpy",
+            ratio(table_bps, copy_bps).unwrap_or(0.0),
+        )
         .set("hps_into_table_rows_s", hps_rows)
         .set("parquet_rows_s", pq_rows)
-        .set("parquet_vs_hps_into_table", ratio(pq_rows, hps_rows).unwrap_or(0.0))
+        .set(
+            "parquet_vs_hps_into_table",
+            ratio(pq_rows, hps_rows).unwrap_or(0.0),
+        )
         .set("goal_hps_into_table_vs_memcpy", 0.5);
     report.emit(&r);
     Ok(())
@@ -161,7 +201,11 @@ async fn run_async(args: &CheckpointArgs, options: Options) -> anyhow::Result<()
 
 fn create_options(shards: u32, dim: u32) -> PublishOptions {
     PublishOptions {
-        create: Some(hopps_format::ModelSpec::new("bench", shards, vec![TableSpec::new("emb", dim)])),
+        create: Some(hopps_format::ModelSpec::new(
+            "bench",
+            shards,
+            vec![TableSpec::new("emb", dim)],
+        )),
         source: "hopps-bench checkpoint".into(),
         ..Default::default()
     }

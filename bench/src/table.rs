@@ -239,7 +239,8 @@ fn load_hopps<const D: usize>(keys: &[u64]) -> (Table, f64) {
 /// Inserts `keys` into an empty hashbrown map (it grows as it goes), same timing rule.
 fn load_hashbrown<const D: usize>(keys: &[u64]) -> (HashMap<u64, [f32; D]>, f64) {
     let mut map = HashMap::new();
-    let mut rows = vec![[0f32; D]; CHUNK];
+    // On the heap: up to 64 MiB at dim 256.
+    let mut rows: Vec<[f32; D]> = std::iter::repeat_n([0f32; D], CHUNK).collect();
     let mut timed = Duration::ZERO;
     for chunk in keys.chunks(CHUNK) {
         for (i, &k) in chunk.iter().enumerate() {

@@ -324,6 +324,8 @@ type Result struct {
 	Found []bool
 	// Version is the model version the rows were read at.
 	Version uint64
+	// bitmap is LookupInto's reusable scratch for the found bitmap.
+	bitmap []byte
 }
 
 // Row is the row of the i-th key (a sub-slice of Values).
@@ -331,27 +333,48 @@ func (r *Result) Row(i int) []float32 { return r.Values[i*r.Dim : (i+1)*r.Dim] }
 
 // Lookup reads the rows of keys from table of model, at the version the node serves.
 func (c *Client) Lookup(ctx context.Context, model, table string, keys []uint64) (*Result, error) {
-	return c.lookup(ctx, model, table, keys, nil)
+	res := &Result{}
+	if err := c.lookup(ctx, model, table, keys, nil, res); err != nil {
+		return nil, err
+	}
+	return res, nil
 }
 
 // LookupAt is Lookup pinned to version; a version the node can no longer read fails with
 // FailedPrecondition.
 func (c *Client) LookupAt(ctx context.Context, model, table string, keys []uint64, version uint64) (*Result, error) {
-	return c.lookup(ctx, model, table, keys, &version)
+	res := &Result{}
+	if err := c.lookup(ctx, model, table, keys, &version, res); err != nil {
+		return nil, err
+	}
+	return res, nil
 }
 
-func (c *Client) lookup(ctx context.Context, model, table string, keys []uint64, version *uint64) (*Result, error) {
+// LookupInto is Lookup writing into res, reusing its Values and Found when they are large
+// enough: a loop that looks up batch after batch allocates (and collects) nothing per call.
+// res is overwritten, also on error; do not share it between goroutines.
+func (c *Client) LookupInto(ctx context.Context, model, table string, keys []uint64, res *Result) error {
+	return c.lookup(ctx, model, table, keys, nil, res)
+}
+
+func (c *Client) lookup(ctx context.Context, model, table string, keys []uint64, version *uint64, res *Result) error {
 	dim, err := c.TableDim(ctx, model, table)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	op := opName{"lookup", model, table}
 	n := len(keys)
-	bitmap := make([]byte, (n+7)/8)
+	if cap(res.bitmap) < (n+7)/8 {
+		res.bitmap = make([]byte, (n+7)/8)
+	}
+	bitmap := res.bitmap[:(n+7)/8]
 	// A table re-created with another dim makes the first try too small (OutOfRange with the
 	// new dim); the second try then fits.
 	for attempt := 0; ; attempt++ {
-		values := make([]float32, n*dim)
+		if cap(res.Values) < n*dim {
+			res.Values = make([]float32, n*dim)
+		}
+		values := res.Values[:n*dim]
 		var gotDim C.uint32_t
 		var gotVersion C.uint64_t
 		err = c.do(ctx, op, func(h *C.hopps_client, timeout C.uint32_t, cerr **C.hopps_error) C.int32_t {
@@ -367,14 +390,21 @@ func (c *Client) lookup(ctx context.Context, model, table string, keys []uint64,
 			continue
 		}
 		if err != nil {
-			return nil, err
+			if ctx.Err() != nil {
+				// The call may have been abandoned while still writing into these buffers:
+				// let it keep them, and give res fresh ones next time.
+				res.Values, res.Found, res.bitmap = nil, nil, nil
+			}
+			return err
 		}
-		return &Result{
-			Values:  values[:n*int(gotDim)],
-			Dim:     int(gotDim),
-			Found:   unpackBitmap(bitmap, n, make([]bool, n)),
-			Version: uint64(gotVersion),
-		}, nil
+		if cap(res.Found) < n {
+			res.Found = make([]bool, n)
+		}
+		res.Values = values[:n*int(gotDim)]
+		res.Dim = int(gotDim)
+		res.Found = unpackBitmap(bitmap, n, res.Found[:n])
+		res.Version = uint64(gotVersion)
+		return nil
 	}
 }
 

@@ -357,3 +357,22 @@ func TestCodeNames(t *testing.T) {
 		t.Fatal("CodeOf")
 	}
 }
+
+func TestLookupIntoReusesBuffers(t *testing.T) {
+	client := dial(t)
+	var res Result
+	first := []uint64{1, 2, 3000, 4}
+	if err := client.LookupInto(context.Background(), "capi", "user", first, &res); err != nil {
+		t.Fatal(err)
+	}
+	checkRows(t, &res, first, func(k uint64) bool { return k < 2000 }, userValue)
+	values := &res.Values[0]
+	second := []uint64{9, 2500, 10}
+	if err := client.LookupInto(context.Background(), "capi", "user", second, &res); err != nil {
+		t.Fatal(err)
+	}
+	checkRows(t, &res, second, func(k uint64) bool { return k < 2000 }, userValue)
+	if &res.Values[0] != values {
+		t.Fatal("a smaller batch did not reuse the values buffer")
+	}
+}

@@ -379,6 +379,7 @@ impl Engine {
                 }
                 tracing::info!(model = %m.name, from = serving, to, "following a rollback recorded in the repository");
                 self.rollback_locked(m, &lineage, serving, to).await?;
+                self.secure_rollback(m, &lineage, to).await?;
             }
         }
         let failed = m.runtime.lock().failed.clone();
@@ -612,6 +613,7 @@ impl Engine {
             )
         })?;
         let method = self.rollback_locked(&m, &lineage, from, to).await?;
+        self.secure_rollback(&m, &lineage, to).await?;
         Ok(RollbackReport {
             model: model.to_string(),
             from,
@@ -634,28 +636,52 @@ impl Engine {
         if undo_run(&*m.write.lock().await, from, to).is_some() {
             return Ok("undo");
         }
+        if let Some(base) = self.log_gap(m, lineage, to).await? {
+            return Err(EngineError::precondition(format!(
+                "rolling model {} back to {to} means rebuilding it from {base}, but online writes \
+                 made after that were already truncated from the write-ahead log by a later \
+                 checkpoint; roll back to a version at or after the oldest retained checkpoint, \
+                 or keep more checkpoints (checkpoint_retention)",
+                m.name
+            )));
+        }
+        Ok("rebuild")
+    }
+
+    /// When a rebuild of `to` (at restart or for a rollback) would start from a checkpoint or
+    /// full version older than the oldest record the WAL still holds, names that starting
+    /// point: the log alone can then not reproduce the online writes of `to`.
+    async fn log_gap(&self, m: &Model, lineage: &Lineage, to: u64) -> Result<Option<String>> {
+        let Some(wal) = m.wal.get() else {
+            return Ok(None);
+        };
         let pos = lineage.position(to).unwrap_or(0);
         let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
             EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
         })?;
         let base = loader::pick_checkpoint(lineage, pos, &checkpoints);
         let base_seq = base.and_then(|(c, _)| c.wal_sequence).unwrap_or(0);
-        let first_kept = m.wal.get().map(|w| w.first_sequence()).unwrap_or(1);
-        if first_kept > base_seq + 1 {
-            let from_what = match base {
-                Some((c, _)) => format!("checkpoint {}", c.version),
-                None => format!("full version {}", lineage.chain[0].version),
-            };
-            return Err(EngineError::precondition(format!(
-                "rolling model {} back to {to} means rebuilding it from {from_what}, but the online \
-                 writes made after that were already truncated from the write-ahead log by a later \
-                 checkpoint (the log starts at write {first_kept}); roll back to a version at or \
-                 after the oldest retained checkpoint, or keep more checkpoints \
-                 (checkpoint_retention)",
-                m.name
-            )));
+        if wal.first_sequence() <= base_seq + 1 {
+            return Ok(None);
         }
-        Ok("rebuild")
+        Ok(Some(match base {
+            Some((c, _)) => format!("checkpoint {}", c.version),
+            None => format!(
+                "full version {}",
+                lineage.chain.first().map(|c| c.version).unwrap_or(0)
+            ),
+        }))
+    }
+
+    /// After a rollback: when a restart could not rebuild the new state from the repository
+    /// and the WAL (a checkpoint truncated writes the target still holds), a checkpoint of the
+    /// new state makes it durable. The caller holds the versions lock.
+    async fn secure_rollback(&self, m: &Arc<Model>, lineage: &Lineage, to: u64) -> Result<()> {
+        if self.log_gap(m, lineage, to).await?.is_some() {
+            tracing::info!(model = %m.name, version = to, "checkpointing the rolled-back state: the WAL alone cannot rebuild it");
+            self.checkpoint_locked(m).await?;
+        }
+        Ok(())
     }
 
     /// Switches the serving state from `from` to `to`; the caller holds the versions lock.
@@ -980,9 +1006,15 @@ impl Engine {
     /// Lookups go on; online writes and version changes wait until the tables are copied.
     pub async fn checkpoint(&self, model: &str) -> Result<CheckpointReport> {
         let m = self.model(model)?;
-        let started = Instant::now();
         let _versions = m.versions.lock().await;
-        let view = self.serving_view(&m)?;
+        self.checkpoint_locked(&m).await
+    }
+
+    /// A checkpoint; the caller holds the model's versions lock.
+    async fn checkpoint_locked(&self, m: &Arc<Model>) -> Result<CheckpointReport> {
+        let model = m.name.as_str();
+        let started = Instant::now();
+        let view = self.serving_view(m)?;
         let version = view.default;
         let undo_log = m.write.lock().await;
         let seq = m.wal.get().map(|w| w.last_sequence()).unwrap_or(0);

@@ -327,12 +327,15 @@ pub fn read_segment_from<R: Read>(
     while done < n_rows {
         let n = br.min(n_rows - done);
         let kb = &mut key_buf[..n * 8];
-        r.read_exact(kb).map_err(|e| io(e, &format!("block {block}")))?;
+        r.read_exact(kb)
+            .map_err(|e| io(e, &format!("block {block}")))?;
         let dst = &mut rows[done * rb..(done + n) * rb];
-        r.read_exact(dst).map_err(|e| io(e, &format!("block {block}")))?;
+        r.read_exact(dst)
+            .map_err(|e| io(e, &format!("block {block}")))?;
         let mut tail = [0u8; 12];
         let tail_len = header.block_len(n as u64) as usize - n * (8 + rb);
-        r.read_exact(&mut tail[..tail_len]).map_err(|e| io(e, &format!("block {block}")))?;
+        r.read_exact(&mut tail[..tail_len])
+            .map_err(|e| io(e, &format!("block {block}")))?;
         let computed = crc32c::crc32c_append(crc32c::crc32c(kb), dst);
         let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
         if stored != computed {

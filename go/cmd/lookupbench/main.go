@@ -48,13 +48,17 @@ func median(xs []float64) float64 {
 
 // goRound measures iterations lookups from Go; withDeadline gives each call a context deadline
 // (the path a request handler takes), otherwise context.Background.
-func goRound(client *hopps.Client, model, table string, perLookup int, space uint64, iterations int, seed uint64, withDeadline bool) (sample, error) {
+func goRound(client *hopps.Client, model, table string, perLookup int, space uint64, iterations int, seed uint64, withDeadline, reuse bool) (sample, error) {
 	gen := keyGen(seed | 1)
 	keys := make([]uint64, perLookup)
 	lat := make([]time.Duration, 0, iterations)
+	var reused hopps.Result
 	lookup := func() (*hopps.Result, error) {
 		for i := range keys {
 			keys[i] = gen.next(space)
+		}
+		if reuse {
+			return &reused, client.LookupInto(context.Background(), model, table, keys, &reused)
 		}
 		if !withDeadline {
 			return client.Lookup(context.Background(), model, table, keys)
@@ -111,20 +115,21 @@ func main() {
 	perLookup := flag.Int("keys", 1000, "keys per lookup")
 	space := flag.Uint64("key-space", 100000, "keys are drawn from 0..key-space")
 	iterations := flag.Int("iterations", 300, "lookups per round and side")
-	rounds := flag.Int("rounds", 7, "rounds; each runs Go, Go with deadline, then Rust")
+	rounds := flag.Int("rounds", 7, "rounds; each runs every side once, in rotating order")
+	workers := flag.Int("worker-threads", 0, "threads of libhopps' runtime (0: one per core)")
 	flag.Parse()
 	if *addr == "" || *rust == "" || *rounds < 1 || *iterations < 1 {
 		fmt.Fprintln(os.Stderr, "usage: lookupbench -addr ADDR -rust PATH [-keys 1000 -iterations 300 -rounds 7]")
 		os.Exit(2)
 	}
-	client, err := hopps.Dial(*addr)
+	client, err := hopps.Dial(*addr, hopps.WithWorkerThreads(*workers))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	defer client.Close()
 
-	sides := []string{"rust client", "go, context.Background", "go, context with deadline"}
+	sides := []string{"rust client", "go Lookup, context.Background", "go Lookup, context with deadline", "go LookupInto (buffers reused)"}
 	samples := make([][]sample, len(sides))
 	for r := 0; r < *rounds; r++ {
 		seed := uint64(r)*7919 + 1
@@ -137,9 +142,11 @@ func main() {
 			case 0:
 				s, err = rustRound(*rust, *addr, *model, *table, *perLookup, *space, *iterations, seed)
 			case 1:
-				s, err = goRound(client, *model, *table, *perLookup, *space, *iterations, seed, false)
+				s, err = goRound(client, *model, *table, *perLookup, *space, *iterations, seed, false, false)
+			case 2:
+				s, err = goRound(client, *model, *table, *perLookup, *space, *iterations, seed, true, false)
 			default:
-				s, err = goRound(client, *model, *table, *perLookup, *space, *iterations, seed, true)
+				s, err = goRound(client, *model, *table, *perLookup, *space, *iterations, seed, false, true)
 			}
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "round %d, %s: %v\n", r, sides[side], err)
