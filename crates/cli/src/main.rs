@@ -87,7 +87,10 @@ struct VersionsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -118,9 +121,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ModelCommand::Publish(args) => repo_cmd::publish(args).await,
             ModelCommand::List(args) => repo_cmd::list(args).await,
             ModelCommand::Versions(args) => match (args.repo, args.addr) {
-                (Some(repo), _) => repo_cmd::versions(&repo, &args.storage, &args.model, args.json).await,
+                (Some(repo), _) => {
+                    repo_cmd::versions(&repo, &args.storage, &args.model, args.json).await
+                }
                 (None, Some(addr)) => server_cmd::versions(&addr, &args.model, args.json).await,
-                (None, None) => anyhow::bail!("give --repo URI (a model repository) or --addr ADDR (a server)"),
+                (None, None) => {
+                    anyhow::bail!("give --repo URI (a model repository) or --addr ADDR (a server)")
+                }
             },
             ModelCommand::Rollback(args) => server_cmd::rollback(args).await,
             ModelCommand::History(args) => server_cmd::history(args).await,

@@ -208,8 +208,8 @@ impl Engine {
         }
         m.runtime.lock().state = "loading";
         let shape = self.shape(&m.name).await?;
-        let (lineage, committed, _, _) = self.read_lineage(&m.name).await?;
-        m.runtime.lock().newest = committed.last().map(|c| c.version);
+        let (lineage, _, _, _) = self.read_lineage(&m.name).await?;
+        m.runtime.lock().newest = lineage.tip();
         m.runtime.lock().empty = lineage.chain.is_empty();
         let Some(tip) = lineage.chain.len().checked_sub(1) else {
             return Err(EngineError::not_found(format!(
@@ -352,8 +352,8 @@ impl Engine {
             return Ok(());
         }
         let _versions = m.versions.lock().await;
-        let (lineage, committed, _, history) = self.read_lineage(&m.name).await?;
-        m.runtime.lock().newest = committed.last().map(|c| c.version);
+        let (lineage, _, _, history) = self.read_lineage(&m.name).await?;
+        m.runtime.lock().newest = lineage.tip();
         if !lineage.skipped.is_empty() {
             tracing::debug!(model = %m.name, skipped = ?lineage.skipped, "deltas off the served chain are not applied");
         }
@@ -613,6 +613,7 @@ impl Engine {
             )
         })?;
         let method = self.rollback_locked(&m, &lineage, from, to).await?;
+        m.runtime.lock().newest = lineage.tip();
         self.secure_rollback(&m, &lineage, to).await?;
         Ok(RollbackReport {
             model: model.to_string(),

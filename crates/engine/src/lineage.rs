@@ -66,7 +66,8 @@ impl Lineage {
         self.dead.iter().any(|&(to, from)| v > to && v <= from)
     }
 
-    #[cfg(test)]
+    /// The newest version this node would serve: the chain's tip. Versions rolled back over
+    /// and deltas off the chain are never applied, so they are not counted as pending.
     pub(crate) fn tip(&self) -> Option<u64> {
         self.chain.last().map(|m| m.version)
     }

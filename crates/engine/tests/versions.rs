@@ -433,3 +433,89 @@ async fn a_bad_full_version_can_be_rolled_back() {
         "the bad full is not reloaded"
     );
 }
+
+/// Every data file of `version` (not its manifest), recursively.
+fn data_files(fx: &Fixture, version: u64) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![fx
+        .dir
+        .path()
+        .join("repo")
+        .join(MODEL)
+        .join("versions")
+        .join(format!("{version:020}"))];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().is_some_and(|n| n != "MANIFEST.json") {
+                out.push(p);
+            }
+        }
+    }
+    assert!(!out.is_empty(), "no data files of version {version}");
+    out
+}
+
+/// `(newest, serving)` of the one model.
+fn versions_of(e: &Engine) -> (Option<u64>, Option<u64>) {
+    let st = e.status();
+    (st.models[0].newest_version, st.models[0].serving_version)
+}
+
+/// The newest version (and so the version lag) counts only versions the node would still serve.
+#[tokio::test]
+async fn newest_version_excludes_rolled_back_versions() {
+    let fx = Fixture::new().await;
+    let r1 = base_rows(100);
+    let v1 = publish_full(&fx.repo, &spec(2), &r1).await;
+    let e = fx.engine().await;
+    let u2: Rows = (0..10).map(|k| (k, row_of(k, 2))).collect();
+    let v2 = publish_delta(&fx.repo, v1, &u2, &[]).await;
+    e.poll_repository().await.unwrap();
+    assert_eq!(versions_of(&e), (Some(v2), Some(v2)));
+
+    // After a rollback with nothing newer, nothing is pending: at once and after a watcher pass.
+    e.rollback(MODEL, v1).await.unwrap();
+    assert_eq!(versions_of(&e), (Some(v1), Some(v1)));
+    e.poll_repository().await.unwrap();
+    assert_eq!(versions_of(&e), (Some(v1), Some(v1)));
+
+    // A delta on a rolled-back parent will never be applied: not pending either.
+    let stale = publish_delta(&fx.repo, v2, &u2, &[]).await;
+    e.poll_repository().await.unwrap();
+    assert_eq!(versions_of(&e), (Some(v1), Some(v1)), "stale delta {stale}");
+
+    // A delta on the rollback target is pending until applied. Its data files are damaged so
+    // that this node cannot apply it (the previous version keeps serving).
+    let u4: Rows = (20..30).map(|k| (k, row_of(k, 4))).collect();
+    let v4 = publish_delta(&fx.repo, v1, &u4, &[]).await;
+    let originals: Vec<(std::path::PathBuf, Vec<u8>)> = data_files(&fx, v4)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let mut bad = bytes.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0xff;
+            std::fs::write(&p, bad).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    assert!(e.poll_repository().await.is_ok());
+    assert_eq!(versions_of(&e), (Some(v4), Some(v1)));
+    assert_eq!(e.status().models[0].load_failures, 1);
+    assert_eq!(assert_rows(&e, &universe(100), &r1, None), v1);
+
+    // Repaired, a restarted node applies it: nothing pending.
+    for (p, bytes) in originals {
+        std::fs::write(p, bytes).unwrap();
+    }
+    drop(e);
+    let e = fx.engine().await;
+    assert_eq!(versions_of(&e), (Some(v4), Some(v4)));
+    assert_eq!(
+        assert_rows(&e, &universe(100), &apply(&r1, &u4, &[]), None),
+        v4
+    );
+}
