@@ -68,6 +68,8 @@ pub struct ModelStatus {
     /// "loading", "serving" or "failed".
     pub state: String,
     pub serving_version: Option<u64>,
+    /// The newest committed version this node would serve: the tip of the served chain, so
+    /// versions rolled back over and deltas off the chain are not counted as pending.
     pub newest_version: Option<u64>,
     pub load: Option<LoadProgress>,
     pub last_error: Option<String>,

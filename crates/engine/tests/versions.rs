@@ -437,13 +437,14 @@ async fn a_bad_full_version_can_be_rolled_back() {
 /// Every data file of `version` (not its manifest), recursively.
 fn data_files(fx: &Fixture, version: u64) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let mut dirs = vec![fx
-        .dir
-        .path()
-        .join("repo")
-        .join(MODEL)
-        .join("versions")
-        .join(format!("{version:020}"))];
+    let mut dirs = vec![
+        fx.dir
+            .path()
+            .join("repo")
+            .join(MODEL)
+            .join("versions")
+            .join(format!("{version:020}")),
+    ];
     while let Some(d) = dirs.pop() {
         for entry in std::fs::read_dir(&d).unwrap() {
             let p = entry.unwrap().path();
