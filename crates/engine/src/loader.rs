@@ -100,7 +100,7 @@ pub(crate) async fn build(
         .sum::<u64>()
         + base.bytes();
     model.progress_start(target.version, rows_total, bytes_total);
-    let tables = Tables::with_rows(shape, 0, &manifest_rows(shape, &base));
+    let mut tables = Tables::with_rows(shape, 0, &manifest_rows(shape, &base));
     if base.kind == VersionKind::Checkpoint {
         load_checkpoint(repo, model, shape, &base, &tables).await?;
     } else {
@@ -135,6 +135,7 @@ pub(crate) async fn build(
             rows,
         });
     }
+    tables.compact();
     model.progress_end();
     let detail = if base.kind == VersionKind::Checkpoint {
         format!("checkpoint of {} + {} deltas", base.version, upto - start)

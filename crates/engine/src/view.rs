@@ -48,6 +48,11 @@ impl Shape {
     }
 }
 
+/// Shards loaded below this load factor are rebuilt at their exact size after a load.
+pub(crate) const COMPACT_BELOW: f64 = 0.95;
+/// Smaller shards are left alone: a table's smallest capacity holds a few hundred rows.
+const COMPACT_MIN_ROWS: usize = 4096;
+
 /// Tables indexed `[table][shard]`.
 pub(crate) struct Tables {
     pub shards: Vec<Vec<Table>>,
@@ -62,15 +67,44 @@ impl Tables {
             .iter()
             .enumerate()
             .map(|(t, ts)| {
-                let per_shard = rows.get(t).copied().unwrap_or(0) as usize / s.max(1);
-                // Keys spread unevenly over shards: leave a little room so most shards never grow.
-                let cap = per_shard + per_shard / 16 + 16;
+                // Sized for the average shard: the table takes up to MAX_LOAD / SIZED_LOAD of
+                // it before growing, which covers most shards of a large model; the shards that
+                // grew or stayed small are rebuilt at their exact size by `compact`.
+                let cap = (rows.get(t).copied().unwrap_or(0) as usize).div_ceil(s.max(1));
                 (0..s)
                     .map(|_| Table::with_capacity(ts.row_bytes + extra_row_bytes, cap))
                     .collect()
             })
             .collect();
         Tables { shards }
+    }
+
+    /// Rebuilds at their exact size the shards whose load factor a load left below
+    /// [`COMPACT_BELOW`] (a shard that received more than its share of keys grew, and a grown
+    /// table sits far from full), so a loaded model keeps memory within a few percent of its
+    /// rows. Only for tables no reader can see yet: it replaces them.
+    pub(crate) fn compact(&mut self) {
+        const BATCH: usize = 4096;
+        for table in self.shards.iter_mut().flatten() {
+            if table.len() < COMPACT_MIN_ROWS || table.load_factor() >= COMPACT_BELOW {
+                continue;
+            }
+            let row_bytes = table.row_bytes();
+            let exact = Table::with_capacity(row_bytes, table.len());
+            let mut keys = Vec::with_capacity(BATCH);
+            let mut rows = Vec::with_capacity(BATCH * row_bytes);
+            table.for_each(|key, row| {
+                keys.push(key);
+                rows.extend_from_slice(row);
+                if keys.len() == BATCH {
+                    exact.upsert_batch(&keys, &rows);
+                    keys.clear();
+                    rows.clear();
+                }
+            });
+            exact.upsert_batch(&keys, &rows);
+            *table = exact;
+        }
     }
 
     pub(crate) fn bytes(&self) -> u64 {
