@@ -87,11 +87,17 @@ fn publish_full(rt: &tokio::runtime::Runtime, repo: &Repository, rows: u64) {
     assert_eq!(summary.version, 1);
 }
 
-/// Delta 2 of table `t`: overwrites `keys` with version-2 values, deletes `delete`.
-fn publish_delta(rt: &tokio::runtime::Runtime, repo: &Repository, keys: &[u64], delete: &[u64]) {
+/// Delta `version` of table `t`: overwrites `keys` with its values, deletes `delete`.
+fn publish_delta(
+    rt: &tokio::runtime::Runtime,
+    repo: &Repository,
+    version: u64,
+    keys: &[u64],
+    delete: &[u64],
+) {
     let mut all = keys.to_vec();
     all.extend_from_slice(delete);
-    let values = rows_of(2, &all);
+    let values = rows_of(version, &all);
     let mut deleted = vec![false; keys.len()];
     deleted.extend(std::iter::repeat_n(true, delete.len()));
     let summary = rt
@@ -111,7 +117,7 @@ fn publish_delta(rt: &tokio::runtime::Runtime, repo: &Repository, keys: &[u64], 
             },
         ))
         .expect("publish delta");
-    assert_eq!(summary.version, 2);
+    assert_eq!(summary.version, version);
 }
 
 /// A running `hopps serve` over `<dir>/repo` with data directory `<dir>/node`; killed (SIGKILL)
@@ -357,9 +363,70 @@ fn acknowledged_writes_survive_kill_9() {
     ));
 }
 
-/// (b) `kill -9` while the node applies a large delta: after the restart no partial version is
-/// served; every response's rows are exactly those of the version it names, and the node ends
-/// up serving the delta.
+/// Restarts the node and polls lookups until it serves `target`: every response, from before
+/// and after the switch, must be exactly the rows of the version it names (`expected`). Then
+/// checks every key of `universe` at `target`.
+fn restart_until_serving(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    run: &str,
+    expected: &HashMap<u64, &Expected>,
+    target: u64,
+    universe: &[u64],
+) -> Server {
+    let server = Server::spawn(dir, run);
+    let client = wait_for("connect after restart", Duration::from_secs(30), || {
+        rt.block_on(Client::connect(&server.grpc)).ok()
+    });
+    let probe = &universe[..universe.len().min(5000)];
+    wait_for("the target version served", Duration::from_secs(60), || {
+        // A loading model answers UNAVAILABLE: poll again.
+        let rows = rt.block_on(client.lookup("m", "t", probe)).ok()?;
+        let expect = expected
+            .get(&rows.version)
+            .unwrap_or_else(|| panic!("served version {} after restart", rows.version));
+        for (i, k) in probe.iter().enumerate() {
+            match expect.get(k) {
+                Some(row) => {
+                    assert_eq!(rows.row(i), Some(&row[..]), "key {k} at {}", rows.version)
+                }
+                None => assert!(!rows.found[i], "key {k} present at {}", rows.version),
+            }
+        }
+        (rows.version == target).then_some(())
+    });
+    server.wait_ready();
+    rt.block_on(assert_rows(&client, universe, expected[&target], target));
+    server
+}
+
+/// `rows` with delta `version` applied: `upserts` get that version's values, `deletes` go.
+fn with_delta(rows: &Expected, version: u64, upserts: &[u64], deletes: &[u64]) -> Expected {
+    let mut out = rows.clone();
+    out.extend(version_rows(version, upserts.iter().copied()));
+    for k in deletes {
+        out.remove(k);
+    }
+    out
+}
+
+/// The status of model `m`, once `ready` holds for it.
+fn status_when(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    what: &str,
+    ready: impl Fn(&hopps_client::ModelStatus) -> bool,
+) -> hopps_client::ModelStatus {
+    wait_for(what, Duration::from_secs(30), || {
+        let st = rt.block_on(client.status()).ok()?;
+        st.models.into_iter().find(|m| m.name == "m" && ready(m))
+    })
+}
+
+/// (b) `kill -9` while the node applies a large delta, once as soon as it notices the commit
+/// (before the switch) and once after the switch while it merges: after each restart no
+/// partial version is served; every response's rows are exactly those of the version it names,
+/// and the node ends up serving the delta.
 #[test]
 fn a_delta_apply_killed_midway_is_never_served_in_part() {
     let rt = runtime();
@@ -368,55 +435,47 @@ fn a_delta_apply_killed_midway_is_never_served_in_part() {
     publish_full(&rt, &repo, LARGE);
     let server = Server::start(dir.path(), "b1");
     let client = rt.block_on(Client::connect(&server.grpc)).expect("connect");
+    let universe: Vec<u64> = (0..50_000 + LARGE + 10).collect();
 
     // Delta 2: LARGE rows, 50K..350K overwritten or new; 0..1000 deleted.
-    let upserts: Vec<u64> = (50_000..50_000 + LARGE).collect();
-    let deletes: Vec<u64> = (0..1000).collect();
-    publish_delta(&rt, &repo, &upserts, &deletes);
+    let up2: Vec<u64> = (50_000..50_000 + LARGE).collect();
+    let del2: Vec<u64> = (0..1000).collect();
+    publish_delta(&rt, &repo, 2, &up2, &del2);
     let v1 = version_rows(1, 0..LARGE);
-    let mut v2 = v1.clone();
-    v2.extend(version_rows(2, upserts.iter().copied()));
-    for k in &deletes {
-        v2.remove(k);
-    }
+    let v2 = with_delta(&v1, 2, &up2, &del2);
 
-    // Kill as soon as the node has noticed the commit and not yet switched to it.
-    let seen = wait_for("the delta is noticed", Duration::from_secs(30), || {
-        let st = rt.block_on(client.status()).ok()?;
-        let m = st.models.iter().find(|m| m.name == "m")?;
-        let noticed =
-            m.newest_version == Some(2) || m.load.as_ref().is_some_and(|l| l.version == 2);
-        noticed.then(|| format!("{m:?}"))
+    // Status names version 2 the newest as soon as the watcher notices it; from then on the
+    // node reads, stages, switches to and merges the delta.
+    let seen = status_when(&rt, &client, "the delta noticed", |m| {
+        m.newest_version == Some(2) || m.load.as_ref().is_some_and(|l| l.version == 2)
     });
     server.kill();
-    eprintln!("killed at: {seen}");
+    eprintln!("killed at: {seen:?}");
     assert!(
-        !seen.contains("serving_version: Some(2)"),
-        "killed only after the switch; widen the delta: {seen}"
+        seen.serving_version != Some(2) || seen.rows != v2.len() as u64,
+        "killed only after the delta was fully applied; make it larger: {seen:?}"
     );
+    let expected = HashMap::from([(1, &v1), (2, &v2)]);
+    let server = restart_until_serving(&rt, dir.path(), "b2", &expected, 2, &universe);
+    let client = rt.block_on(Client::connect(&server.grpc)).expect("connect");
 
-    // After the restart, every response is one whole version, and the delta is served.
-    let server = Server::spawn(dir.path(), "b2");
-    let client = wait_for("connect after restart", Duration::from_secs(30), || {
-        rt.block_on(Client::connect(&server.grpc)).ok()
+    // Delta 3 over all keys: kill once the node serves it, while it merges it into its tables
+    // (the base tables still hold version 2's row count, which differs from version 3's) or, at
+    // worst, just after.
+    let up3: Vec<u64> = (0..LARGE).collect();
+    let del3: Vec<u64> = (50_000 + LARGE - 5000..50_000 + LARGE).collect();
+    publish_delta(&rt, &repo, 3, &up3, &del3);
+    let v3 = with_delta(&v2, 3, &up3, &del3);
+    let seen = status_when(&rt, &client, "the switch to delta 3", |m| {
+        m.serving_version == Some(3)
     });
-    let universe: Vec<u64> = (0..50_000 + LARGE + 10).collect();
-    let version = wait_for("the delta served", Duration::from_secs(60), || {
-        let rows = rt
-            .block_on(client.lookup("m", "t", &universe[..5000]))
-            .ok()?;
-        let expect = if rows.version == 1 { &v1 } else { &v2 };
-        for (i, k) in universe[..5000].iter().enumerate() {
-            match expect.get(k) {
-                Some(row) => assert_eq!(rows.row(i), Some(&row[..]), "key {k} at {}", rows.version),
-                None => assert!(!rows.found[i], "key {k} present at {}", rows.version),
-            }
-        }
-        (rows.version == 2).then_some(rows.version)
-    });
-    assert_eq!(version, 2);
-    server.wait_ready();
-    rt.block_on(assert_rows(&client, &universe, &v2, 2));
+    server.kill();
+    eprintln!(
+        "killed at: {seen:?} (merging: {})",
+        seen.rows != v3.len() as u64
+    );
+    let expected = HashMap::from([(2, &v2), (3, &v3)]);
+    restart_until_serving(&rt, dir.path(), "b3", &expected, 3, &universe);
 }
 
 /// (c) `kill -9` while a checkpoint is being written: the half-written checkpoint (segments, no
