@@ -273,13 +273,37 @@ async fn load_full(
     m: &Manifest,
     tables: &Tables,
 ) -> Result<()> {
+    stream_version(repo, model, shape, m, "version", tables, RowTag::None).await
+}
+
+/// How [`stream_version`] writes a row into its target tables.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowTag {
+    /// Plain rows; deleted keys are skipped (a full version).
+    None,
+    /// A leading [`PRESENT`] / [`ABSENT`] byte, so a delete is a row too (a change set).
+    Leading,
+}
+
+/// The one read loop of full loads and deltas: streams every table of version `m`, checks each
+/// batch, encodes its rows grouped by shard into `into`, and reports load progress.
+async fn stream_version(
+    repo: &Repository,
+    model: &Model,
+    shape: &Shape,
+    m: &Manifest,
+    noun: &str,
+    into: &Tables,
+    tag: RowTag,
+) -> Result<()> {
+    let tag_bytes = usize::from(tag == RowTag::Leading);
     for (t, ts) in shape.tables.iter().enumerate() {
         if m.table(&ts.name).is_none() {
             continue;
         }
         let what = || {
             format!(
-                "reading model {} version {} table {}",
+                "reading model {} {noun} {} table {}",
                 model.name, m.version, ts.name
             )
         };
@@ -303,13 +327,24 @@ async fn load_full(
                 batch.deleted.len(),
             )?;
             for (i, &key) in batch.keys.iter().enumerate() {
-                if batch.deleted.get(i).copied().unwrap_or(false) {
+                let deleted = batch.deleted.get(i).copied().unwrap_or(false);
+                if deleted && tag == RowTag::None {
                     continue;
                 }
-                let row = grouped.push(shard_of(key, shape.shards) as usize, key, ts.row_bytes);
-                ts.encode_fresh(&batch.values[i * ts.dim..(i + 1) * ts.dim], row);
+                let shard = shard_of(key, shape.shards) as usize;
+                let row = grouped.push(shard, key, ts.row_bytes + tag_bytes);
+                let values = &batch.values[i * ts.dim..(i + 1) * ts.dim];
+                match (tag, deleted) {
+                    (RowTag::None, _) => ts.encode_fresh(values, row),
+                    (RowTag::Leading, true) => row[0] = ABSENT,
+                    (RowTag::Leading, false) => {
+                        row[0] = PRESENT;
+                        ts.encode_fresh(values, &mut row[1..]);
+                    }
+                }
             }
-            grouped.flush(&tables.shards[t]);
+            // Input order is kept per shard, so a later row of a key still wins.
+            grouped.flush(&into.shards[t]);
             let read = reader.bytes_read();
             model.progress_add(batch.keys.len() as u64, read.saturating_sub(last_bytes));
             last_bytes = read;
@@ -393,55 +428,7 @@ pub(crate) async fn read_delta(
         .map(|t| m.table(&t.name).map(|mt| mt.rows + mt.deletes).unwrap_or(0))
         .collect();
     let stage = Tables::with_rows(shape, 1, &rows);
-    for (t, ts) in shape.tables.iter().enumerate() {
-        if m.table(&ts.name).is_none() {
-            continue;
-        }
-        let what = || {
-            format!(
-                "reading model {} delta {} table {}",
-                model.name, m.version, ts.name
-            )
-        };
-        let mut reader = repo
-            .read_table(m, &ts.name)
-            .await
-            .map_err(|e| EngineError::repository(what(), e))?;
-        let mut grouped = ShardBatches::new(shape.shards as usize);
-        let mut last_bytes = 0;
-        while let Some(batch) = reader
-            .next_batch()
-            .await
-            .map_err(|e| EngineError::repository(what(), e))?
-        {
-            check_batch(
-                &model.name,
-                m,
-                ts,
-                batch.keys.len(),
-                batch.values.len(),
-                batch.deleted.len(),
-            )?;
-            for (i, &key) in batch.keys.iter().enumerate() {
-                let shard = shard_of(key, shape.shards) as usize;
-                let tagged = grouped.push(shard, key, ts.row_bytes + 1);
-                if batch.deleted.get(i).copied().unwrap_or(false) {
-                    tagged[0] = ABSENT;
-                } else {
-                    tagged[0] = PRESENT;
-                    ts.encode_fresh(
-                        &batch.values[i * ts.dim..(i + 1) * ts.dim],
-                        &mut tagged[1..],
-                    );
-                }
-            }
-            // Input order is kept per shard, so a later row of a key still wins.
-            grouped.flush(&stage.shards[t]);
-            let read = reader.bytes_read();
-            model.progress_add(batch.keys.len() as u64, read.saturating_sub(last_bytes));
-            last_bytes = read;
-        }
-    }
+    stream_version(repo, model, shape, m, "delta", &stage, RowTag::Leading).await?;
     Ok(stage)
 }
 
