@@ -1,0 +1,1 @@
+//! Placement planning (written next).
