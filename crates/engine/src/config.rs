@@ -1,9 +1,12 @@
 //! Engine configuration.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hopps_format::Repository;
+
+use crate::coordinator::Coordinator;
 
 /// When the write-ahead log is made durable (fsync) before writes are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,27 @@ pub struct EngineConfig {
     pub checkpoint_retention: usize,
     /// This node's name in history records and status.
     pub node_id: String,
+    /// The cluster this node belongs to; `None` (embedded): every shard, and versions switch as
+    /// soon as they are applied.
+    pub coordinator: Option<Arc<dyn Coordinator>>,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("repository", &self.repository.uri())
+            .field("models", &self.models)
+            .field("memory_limit", &self.memory_limit)
+            .field("data_dir", &self.data_dir)
+            .field("undo_budget_bytes", &self.undo_budget_bytes)
+            .field("poll_interval", &self.poll_interval)
+            .field("wal_sync", &self.wal_sync)
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("checkpoint_retention", &self.checkpoint_retention)
+            .field("node_id", &self.node_id)
+            .field("coordinator", &self.coordinator.is_some())
+            .finish()
+    }
 }
 
 impl EngineConfig {
@@ -60,6 +84,7 @@ impl EngineConfig {
             checkpoint_interval: None,
             checkpoint_retention: 3,
             node_id,
+            coordinator: None,
         }
     }
 }

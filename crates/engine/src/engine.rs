@@ -18,7 +18,7 @@ use crate::loader::{
 use crate::model::{Model, UndoEntry, UndoLog, capture_undo, compose_undo, merge};
 use crate::report::*;
 use crate::rows::TableShape;
-use crate::view::{Shape, View};
+use crate::view::{Shape, Source, View};
 use crate::wal::{self, Wal, WalOp};
 
 /// One table's part of a [`Engine::multi_lookup`].
@@ -42,6 +42,10 @@ struct Inner {
     models: ArcSwap<BTreeMap<String, Arc<Model>>>,
     /// Serialises adding models to `models`.
     adding: parking_lot::Mutex<()>,
+    /// Makes the watcher run a pass now (see [`Engine::wake`]).
+    wake: tokio::sync::Notify,
+    /// Bumped on every change of any model's view (see [`Engine::subscribe`]).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -69,15 +73,18 @@ impl Engine {
                 EngineError::repository(format!("listing models in {}", config.repository.uri()), e)
             })?,
         };
+        let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let models = names
             .into_iter()
-            .map(|n| (n.clone(), Arc::new(Model::new(n))))
+            .map(|n| (n.clone(), Arc::new(Model::new(n, changes.clone()))))
             .collect();
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
                 models: ArcSwap::from_pointee(models),
                 adding: parking_lot::Mutex::new(()),
+                wake: tokio::sync::Notify::new(),
+                changes,
             }),
         })
     }
@@ -256,11 +263,12 @@ impl Engine {
         };
         let mut undo = m.write.lock().await;
         undo.entries = built.undo.into();
-        m.view.store(Some(Arc::new(View::plain(
+        m.publish(Arc::new(View::plain(
             shape,
             Arc::new(built.tables),
             built.version,
-        ))));
+            None,
+        )));
         self.enforce_undo_budget(m, &mut undo);
         drop(undo);
         {
@@ -310,6 +318,30 @@ impl Engine {
                 .all(|m| m.view.load().is_some() || (all && m.runtime.lock().empty))
     }
 
+    /// Makes the background watcher ([`Engine::spawn_background`]) run a pass now instead of
+    /// waiting for `poll_interval`: a cluster agent calls it when the placement or the
+    /// cluster's serving version changes. A wake during a pass makes another pass follow it.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// A counter bumped every time any model's view changes (loaded, staged, flipped, rolled
+    /// back, shard set changed, failed): a cluster agent republishes its readiness report on
+    /// each change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// What this node holds and can serve, per model, for the cluster's readiness reports.
+    pub fn cluster_report(&self) -> Vec<ModelReport> {
+        self.inner
+            .models
+            .load()
+            .values()
+            .map(|m| model_report(m))
+            .collect()
+    }
+
     /// One watcher pass: picks up new models (when serving every model), loads models not yet
     /// loaded, follows rollbacks decided elsewhere, applies new versions of the served chain.
     pub async fn poll_repository(&self) -> Result<()> {
@@ -323,7 +355,7 @@ impl Engine {
                 let mut next = (**current).clone();
                 for n in names {
                     next.entry(n.clone())
-                        .or_insert_with(|| Arc::new(Model::new(n)));
+                        .or_insert_with(|| Arc::new(Model::new(n, self.inner.changes.clone())));
                 }
                 self.inner.models.store(Arc::new(next));
             }
@@ -465,9 +497,14 @@ impl Engine {
         m.stage_bytes.store(stage.bytes(), Ordering::Relaxed);
         m.runtime.lock().staged = Some(d.version);
         // Staged: both versions readable, the old one by default.
-        let staged =
-            Arc::new(view.with(from, vec![(from, None), (d.version, Some(stage.clone()))]));
-        m.view.store(Some(staged.clone()));
+        let staged = Arc::new(view.with(
+            from,
+            vec![
+                (from, Source::Base),
+                (d.version, Source::Overlay(stage.clone())),
+            ],
+        ));
+        m.publish(staged.clone());
         let mut undo_log = m.write.lock().await;
         let tables = view.tables.clone();
         let (undo, tables) = {
@@ -486,9 +523,12 @@ impl Engine {
         // record while the merge changes the base tables.
         let flipped = Arc::new(view.with(
             d.version,
-            vec![(d.version, Some(stage.clone())), (from, Some(undo.clone()))],
+            vec![
+                (d.version, Source::Overlay(stage.clone())),
+                (from, Source::Overlay(undo.clone())),
+            ],
         ));
-        m.view.store(Some(flipped.clone()));
+        m.publish(flipped.clone());
         // Readers of the earlier views read the base tables without an overlay for the keys the
         // merge changes: they must be done before it starts.
         drain_readers(&[&view, &staged]).await;
@@ -501,9 +541,9 @@ impl Engine {
                     EngineError::internal(format!("merging version {}: {e}", d.version))
                 })?;
         }
-        m.view.store(Some(Arc::new(
-            view.with(d.version, vec![(d.version, None)]),
-        )));
+        m.publish(Arc::new(
+            view.with(d.version, vec![(d.version, Source::Base)]),
+        ));
         // Readers of the old version through its undo record finish before the base tables
         // change again (online writes, the next merge).
         drain_readers(&[&flipped]).await;
@@ -546,11 +586,12 @@ impl Engine {
         let built = loader::build(self.repo(), m, &shape, lineage, pos, &[], &[]).await?;
         let mut undo = m.write.lock().await;
         undo.entries = built.undo.into();
-        m.view.store(Some(Arc::new(View::plain(
+        m.publish(Arc::new(View::plain(
             shape,
             Arc::new(built.tables),
             built.version,
-        ))));
+            None,
+        )));
         self.enforce_undo_budget(m, &mut undo);
         tracing::info!(model = %m.name, version = f.version, replaced = view.default, "full version loaded");
         Ok(())
@@ -717,9 +758,12 @@ impl Engine {
                 .store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
             let flipped = Arc::new(view.with(
                 to,
-                vec![(to, Some(rb.clone())), (from, Some(Arc::new(forward)))],
+                vec![
+                    (to, Source::Overlay(rb.clone())),
+                    (from, Source::Overlay(Arc::new(forward))),
+                ],
             ));
-            m.view.store(Some(flipped.clone()));
+            m.publish(flipped.clone());
             drain_readers(&[&view]).await;
             {
                 let rb = rb.clone();
@@ -729,8 +773,7 @@ impl Engine {
                         EngineError::internal(format!("merging the rollback to {to}: {e}"))
                     })?;
             }
-            m.view
-                .store(Some(Arc::new(view.with(to, vec![(to, None)]))));
+            m.publish(Arc::new(view.with(to, vec![(to, Source::Base)])));
             drain_readers(&[&flipped]).await;
             m.stage_bytes.store(0, Ordering::Relaxed);
             let keep = undo_log.entries.len() - count;
@@ -771,11 +814,12 @@ impl Engine {
         .await?;
         let mut undo_log = m.write.lock().await;
         undo_log.entries = built.undo.into();
-        m.view.store(Some(Arc::new(View::plain(
+        m.publish(Arc::new(View::plain(
             view.shape.clone(),
             Arc::new(built.tables),
             built.version,
-        ))));
+            None,
+        )));
         self.enforce_undo_budget(m, &mut undo_log);
         tracing::info!(model = %m.name, from, to, method = "rebuild", from_state = %built.detail, "rolled back");
         Ok("rebuild")
@@ -863,9 +907,9 @@ impl Engine {
                 EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
             })
         })?;
-        let (v, overlay) = view.resolve(version)?;
+        let (v, tables, overlay) = view.resolve(version)?;
         let t = view.shape.table_index(table)?;
-        view.read(overlay, t, keys, out, found)?;
+        view.read(tables, overlay, t, keys, out, found)?;
         Ok(v)
     }
 
@@ -885,10 +929,10 @@ impl Engine {
                 EngineError::new(ErrorKind::Unavailable, format!("model {model} is loading"))
             })
         })?;
-        let (v, overlay) = view.resolve(version)?;
+        let (v, base, overlay) = view.resolve(version)?;
         for tl in tables.iter_mut() {
             let t = view.shape.table_index(tl.table)?;
-            view.read(overlay, t, tl.keys, tl.out, tl.found)?;
+            view.read(base, overlay, t, tl.keys, tl.out, tl.found)?;
         }
         Ok(v)
     }
@@ -1156,6 +1200,7 @@ impl Engine {
                         0.0
                     },
                     tables,
+                    held_shards: view.as_ref().and_then(|v| v.held_list()),
                 }
             })
             .collect();
@@ -1261,6 +1306,38 @@ fn undo_run(log: &UndoLog, from: u64, to: u64) -> Option<usize> {
 async fn drain_readers(views: &[&Arc<View>]) {
     while views.iter().any(|v| Arc::strong_count(v) > 1) {
         tokio::time::sleep(std::time::Duration::from_micros(50)).await;
+    }
+}
+
+fn model_report(m: &Model) -> ModelReport {
+    let view = m.view.load_full();
+    let rt = m.runtime.lock();
+    let (shards, held, rows) = match view.as_ref() {
+        Some(v) => (
+            v.shape.shards,
+            v.held_list()
+                .unwrap_or_else(|| (0..v.shape.shards).collect()),
+            table_statuses(v).iter().map(|t| t.rows).sum(),
+        ),
+        None => (0, Vec::new(), 0),
+    };
+    let mut readable: Vec<u64> = view
+        .as_ref()
+        .map(|v| v.readable.iter().map(|(r, _)| *r).collect())
+        .unwrap_or_default();
+    readable.sort_unstable();
+    ModelReport {
+        model: m.name.clone(),
+        shards,
+        held,
+        serving: view.as_ref().map(|v| v.default),
+        readable,
+        staged: rt.staged,
+        state: if view.is_some() { "serving" } else { rt.state }.to_string(),
+        loading: rt.loading_shards.clone(),
+        memory_bytes: m.memory_bytes(),
+        rows,
+        error: rt.last_error.clone(),
     }
 }
 

@@ -12,11 +12,15 @@
 //! - **Online writes** (upsert, delete, push with SGD/Adagrad/Adam) go through a local
 //!   write-ahead log with group commit before they are acknowledged.
 //!
+//! - **Cluster mode**: with a [`Coordinator`], a node holds only the shards placed on it and
+//!   switches versions in two phases (stage, then flip on the coordinator's go).
+//!
 //! Lookups are synchronous and lock-free: one atomic load of the model's current view per
 //! request, keys grouped by shard in reused per-thread buffers, one batched probe per shard.
 #![forbid(unsafe_code)]
 
 mod config;
+mod coordinator;
 mod engine;
 mod error;
 mod lineage;
@@ -28,10 +32,11 @@ mod view;
 pub mod wal;
 
 pub use config::{EngineConfig, WalSync};
+pub use coordinator::{Coordinator, Gate};
 pub use engine::{Engine, TableLookup};
 pub use error::{EngineError, ErrorKind, Result};
 pub use report::{
-    CheckpointReport, HistoryEvent, LoadProgress, ModelInfo, ModelStatus, NodeStatus,
+    CheckpointReport, HistoryEvent, LoadProgress, ModelInfo, ModelReport, ModelStatus, NodeStatus,
     RollbackReport, TableMeta, TableStatus, VersionState, WriteAck,
 };
 pub use rows::random_init;

@@ -62,6 +62,8 @@ pub(crate) struct Runtime {
     /// Versions that failed to load or apply on this node; not retried until a restart.
     pub failed: BTreeSet<u64>,
     pub staged: Option<u64>,
+    /// Shards being loaded for a new shard set while the current view serves (sorted).
+    pub loading_shards: Vec<u32>,
     pub last_checkpoint: Option<Instant>,
     /// The model has no committed version to serve yet (created, nothing published).
     pub empty: bool,
@@ -77,10 +79,12 @@ pub(crate) struct Model {
     pub load_failures: AtomicU64,
     pub undo_bytes: AtomicU64,
     pub stage_bytes: AtomicU64,
+    /// The engine's change counter, bumped whenever this model's view or state changes.
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Model {
-    pub(crate) fn new(name: String) -> Model {
+    pub(crate) fn new(name: String, changes: Arc<tokio::sync::watch::Sender<u64>>) -> Model {
         Model {
             name,
             view: ArcSwapOption::empty(),
@@ -94,7 +98,19 @@ impl Model {
             load_failures: AtomicU64::new(0),
             undo_bytes: AtomicU64::new(0),
             stage_bytes: AtomicU64::new(0),
+            changes,
         }
+    }
+
+    /// Tells subscribers that this model's view or state changed.
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|c| *c = c.wrapping_add(1));
+    }
+
+    /// Makes `view` the one readers see.
+    pub(crate) fn publish(&self, view: Arc<View>) {
+        self.view.store(Some(view));
+        self.changed();
     }
 
     pub(crate) fn serving(&self) -> Option<u64> {

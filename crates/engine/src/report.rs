@@ -80,6 +80,8 @@ pub struct ModelStatus {
     pub undo_bytes: u64,
     pub load_factor: f64,
     pub tables: Vec<TableStatus>,
+    /// Shards this node holds (sorted); `None` when it holds every shard.
+    pub held_shards: Option<Vec<u32>>,
 }
 
 /// This node's state.
@@ -138,4 +140,27 @@ pub struct CheckpointReport {
     pub rows: u64,
     pub bytes: u64,
     pub seconds: f64,
+}
+
+/// One model as a cluster sees it on this node: what it holds and which versions it can serve.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelReport {
+    pub model: String,
+    /// The model's shard count (0 when not known yet).
+    pub shards: u32,
+    /// Shards whose rows this node holds and serves (sorted).
+    pub held: Vec<u32>,
+    /// The default version.
+    pub serving: Option<u64>,
+    /// Every version a pinned lookup can read now (including a staged one), ascending.
+    pub readable: Vec<u64>,
+    /// A version staged and waiting for `Gate::Go`.
+    pub staged: Option<u64>,
+    /// "loading", "serving" or "failed".
+    pub state: String,
+    /// Shards being loaded (a re-load for a new shard set), sorted.
+    pub loading: Vec<u32>,
+    pub memory_bytes: u64,
+    pub rows: u64,
+    pub error: Option<String>,
 }

@@ -124,40 +124,135 @@ pub(crate) type RowSet = Tables;
 pub(crate) const ABSENT: u8 = 0;
 pub(crate) const PRESENT: u8 = 1;
 
+/// The shards of a model this node holds, when it is not every shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ShardSet {
+    /// `mask[s]`: shard `s` is held. As long as the model's shard count.
+    mask: Vec<bool>,
+}
+
+impl ShardSet {
+    /// The held set of a model of `shards` shards from a coordinator's answer; `None` when it
+    /// names every shard (the node then behaves as if it had no coordinator for placement).
+    pub(crate) fn from_placement(
+        model: &str,
+        shards: u32,
+        set: Option<&std::collections::BTreeSet<u32>>,
+    ) -> Result<Option<ShardSet>> {
+        let Some(set) = set else { return Ok(None) };
+        if let Some(bad) = set.iter().find(|&&s| s >= shards) {
+            return Err(EngineError::invalid(format!(
+                "model {model}: the cluster placed shard {bad} on this node but the model has \
+                 {shards} shards (0..{shards}); fix the placement"
+            )));
+        }
+        if set.len() == shards as usize {
+            return Ok(None);
+        }
+        let mut mask = vec![false; shards as usize];
+        for &s in set {
+            mask[s as usize] = true;
+        }
+        Ok(Some(ShardSet { mask }))
+    }
+
+    pub(crate) fn contains(&self, shard: usize) -> bool {
+        self.mask.get(shard).copied().unwrap_or(false)
+    }
+
+    pub(crate) fn list(&self) -> Vec<u32> {
+        (0..self.mask.len() as u32)
+            .filter(|&s| self.mask[s as usize])
+            .collect()
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        let list: Vec<String> = self.list().iter().map(|s| s.to_string()).collect();
+        if list.is_empty() {
+            "none".to_string()
+        } else {
+            list.join(", ")
+        }
+    }
+}
+
+/// Whether `held` (`None` = every shard) includes `shard`.
+pub(crate) fn holds(held: Option<&ShardSet>, shard: usize) -> bool {
+    held.is_none_or(|h| h.contains(shard))
+}
+
+/// The error for a key of a shard this node does not hold.
+pub(crate) fn not_held(model: &str, shard: usize, key: u64, held: &ShardSet) -> EngineError {
+    EngineError::precondition(format!(
+        "model {model} shard {shard} (key {key}) is not held by this node (it holds {}); route by \
+         the cluster placement",
+        held.describe()
+    ))
+}
+
+/// Where a readable version's rows come from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// The view's base tables as they are.
+    Base,
+    /// The base tables with an overlay of tagged rows taking precedence.
+    Overlay(Arc<RowSet>),
+    /// Tables of its own (a full version or a rebuild staged beside the serving tables).
+    Tables(Arc<Tables>),
+}
+
 /// One immutable state of a model for readers.
 pub(crate) struct View {
     pub shape: Arc<Shape>,
     pub tables: Arc<Tables>,
     /// The version served when a request pins none.
     pub default: u64,
-    /// Readable versions and the overlay each one is read through.
-    pub readable: Vec<(u64, Option<Arc<RowSet>>)>,
+    /// Readable versions and where each one is read from.
+    pub readable: Vec<(u64, Source)>,
+    /// Shards held by this node (`None` = every shard); the others' tables are empty.
+    pub held: Option<Arc<ShardSet>>,
 }
 
 impl View {
-    pub(crate) fn plain(shape: Arc<Shape>, tables: Arc<Tables>, version: u64) -> View {
+    pub(crate) fn plain(
+        shape: Arc<Shape>,
+        tables: Arc<Tables>,
+        version: u64,
+        held: Option<Arc<ShardSet>>,
+    ) -> View {
         View {
             shape,
             tables,
             default: version,
-            readable: vec![(version, None)],
+            readable: vec![(version, Source::Base)],
+            held,
         }
     }
 
-    pub(crate) fn with(&self, default: u64, readable: Vec<(u64, Option<Arc<RowSet>>)>) -> View {
+    pub(crate) fn with(&self, default: u64, readable: Vec<(u64, Source)>) -> View {
         View {
             shape: self.shape.clone(),
             tables: self.tables.clone(),
             default,
             readable,
+            held: self.held.clone(),
         }
     }
 
-    /// The version to read and its overlay.
-    pub(crate) fn resolve(&self, version: Option<u64>) -> Result<(u64, Option<&RowSet>)> {
+    /// The held shards, sorted; `None` when every shard is held.
+    pub(crate) fn held_list(&self) -> Option<Vec<u32>> {
+        self.held.as_ref().map(|h| h.list())
+    }
+
+    /// The version to read, its tables and its overlay.
+    pub(crate) fn resolve(&self, version: Option<u64>) -> Result<(u64, &Tables, Option<&RowSet>)> {
         let v = version.unwrap_or(self.default);
         match self.readable.iter().find(|(rv, _)| *rv == v) {
-            Some((_, overlay)) => Ok((v, overlay.as_deref())),
+            Some((_, source)) => Ok(match source {
+                Source::Base => (v, &*self.tables, None),
+                Source::Overlay(o) => (v, &*self.tables, Some(&**o)),
+                Source::Tables(t) => (v, &**t, None),
+            }),
             None => {
                 let list: Vec<String> = self.readable.iter().map(|(v, _)| v.to_string()).collect();
                 Err(EngineError::precondition(format!(
@@ -174,8 +269,10 @@ impl View {
     /// Reads the rows of `keys` in table `t` at the resolved version into `out` (decoded,
     /// `keys.len() * dim` floats), applying the missing-key policy; `found[i]` says whether
     /// key `i` has a row. No allocation once the thread's scratch buffers have grown.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn read(
         &self,
+        tables: &Tables,
         overlay: Option<&RowSet>,
         t: usize,
         keys: &[u64],
@@ -213,13 +310,22 @@ impl View {
                 s.ohits.resize(n, false);
             }
             let shard_count = self.shape.shards as usize;
+            if let Some(held) = self.held.as_deref() {
+                // One check per shard of the request, not per key.
+                for shard in 0..shard_count {
+                    if s.starts[shard] != s.starts[shard + 1] && !held.contains(shard) {
+                        let key = s.skeys[s.starts[shard] as usize];
+                        return Err(not_held(&self.shape.model, shard, key, held));
+                    }
+                }
+            }
             for shard in 0..shard_count {
                 let (a, b) = (s.starts[shard] as usize, s.starts[shard + 1] as usize);
                 if a == b {
                     continue;
                 }
                 let skeys = &s.skeys[a..b];
-                self.tables.shards[t][shard].lookup_batch(
+                tables.shards[t][shard].lookup_batch(
                     skeys,
                     &mut s.rows[a * vb..b * vb],
                     &mut s.hits[a..b],
