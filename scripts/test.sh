@@ -6,7 +6,8 @@
 #
 # Suites, in order (each can also be run alone):
 #   cargo test --workspace                 unit, integration and end-to-end tests (real hopps
-#                                          processes, a real S3 server inside the tests)
+#                                          processes, a real S3 server inside the tests, real
+#                                          etcd and several hopps nodes for the cluster tests)
 #   table model checking and fuzz corpus   see "Table" below
 #   bash python/test.sh                    Python client (virtualenv, maturin, pytest)
 #   bash go/test.sh                        C ABI and Go package
@@ -22,6 +23,8 @@ if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# The cluster tests start real etcd servers (crates/cli/tests/cluster.rs and the server's).
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 if [ ${#need[@]} -gt 0 ]; then
   step "installing ${need[*]}"
