@@ -10,6 +10,7 @@ use hopps_format::spec::now_rfc3339;
 use hopps_format::{HistoryRecord, Manifest, Repository, VersionKind};
 
 use crate::config::EngineConfig;
+use crate::coordinator::{Coordinator, Gate};
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::lineage::{EVENT_ROLLED_BACK, EVENT_SERVED, Lineage};
 use crate::loader::{
@@ -18,8 +19,9 @@ use crate::loader::{
 use crate::model::{Model, UndoEntry, UndoLog, capture_undo, compose_undo, merge};
 use crate::report::*;
 use crate::rows::TableShape;
-use crate::view::{Shape, Source, View};
+use crate::view::{RowSet, Shape, ShardSet, Source, Tables, View, holds, not_held};
 use crate::wal::{self, Wal, WalOp};
+use hopps_format::shard_of;
 
 /// One table's part of a [`Engine::multi_lookup`].
 pub struct TableLookup<'a> {
@@ -46,6 +48,8 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// Bumped on every change of any model's view (see [`Engine::subscribe`]).
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Turns true when the watcher shuts down: gates still waited for are abandoned.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -85,6 +89,7 @@ impl Engine {
                 adding: parking_lot::Mutex::new(()),
                 wake: tokio::sync::Notify::new(),
                 changes,
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -207,6 +212,52 @@ impl Engine {
         self.inner.config.data_dir.join("wal").join(model)
     }
 
+    fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
+        self.inner.config.coordinator.as_ref()
+    }
+
+    /// The shards of the model of `shape` this node must hold now (`None` = every shard).
+    fn placement(&self, shape: &Shape) -> Result<Option<Arc<ShardSet>>> {
+        let Some(c) = self.coordinator() else {
+            return Ok(None);
+        };
+        let set = c.shards(&shape.model);
+        Ok(ShardSet::from_placement(&shape.model, shape.shards, set.as_ref())?.map(Arc::new))
+    }
+
+    /// Publishes `staged` (the current version still the default, `version` readable when
+    /// pinned) and waits for the coordinator's word on it. On `Abandon`, or when this future is
+    /// dropped (shutdown), `current` is put back. Without a coordinator: `Go` at once.
+    async fn stage_and_gate(
+        &self,
+        m: &Model,
+        current: &Arc<View>,
+        staged: Arc<View>,
+        version: u64,
+    ) -> Gate {
+        let Some(c) = self.coordinator() else {
+            return Gate::Go;
+        };
+        let mut restore = Unstage {
+            m,
+            prev: Some(current.clone()),
+        };
+        m.runtime.lock().staged = Some(version);
+        m.publish(staged);
+        let wait = c.staged(&m.name, version);
+        let mut closing = self.inner.closing.subscribe();
+        let gate = tokio::select! {
+            g = wait => g,
+            _ = closing.wait_for(|c| *c) => Gate::Abandon,
+        };
+        if gate == Gate::Go {
+            restore.prev = None;
+        } else {
+            tracing::info!(model = %m.name, version, "staged version abandoned by the cluster");
+        }
+        gate
+    }
+
     /// First load of a model: newest checkpoint of its chain, later deltas, WAL replay.
     async fn load_model(&self, m: &Arc<Model>) -> Result<()> {
         let _versions = m.versions.lock().await;
@@ -218,12 +269,20 @@ impl Engine {
         let (lineage, _, _, _) = self.read_lineage(&m.name).await?;
         m.runtime.lock().newest = lineage.tip();
         m.runtime.lock().empty = lineage.chain.is_empty();
-        let Some(tip) = lineage.chain.len().checked_sub(1) else {
+        let Some(newest) = lineage.chain.len().checked_sub(1) else {
             return Err(EngineError::not_found(format!(
                 "model {} has no committed full version to serve; publish one",
                 m.name
             )));
         };
+        // In a cluster a first load reaches the version the cluster serves; later versions are
+        // staged behind the coordinator's gate like any other switch.
+        let tip = self
+            .coordinator()
+            .and_then(|c| c.ceiling(&m.name))
+            .and_then(|v| lineage.position(v))
+            .unwrap_or(newest);
+        let held = self.placement(&shape)?;
         let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
             EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
         })?;
@@ -241,9 +300,13 @@ impl Engine {
         self.check_memory(
             &m.name,
             lineage.chain[tip].version,
-            build_estimate(&shape, &lineage.chain[..=tip], &base),
+            build_estimate(&shape, &lineage.chain[..=tip], &base, held.as_deref()),
         )?;
         let started = Instant::now();
+        m.runtime.lock().loading_shards = match held.as_deref() {
+            Some(h) => h.list(),
+            None => (0..shape.shards).collect(),
+        };
         let built = loader::build(
             self.repo(),
             m,
@@ -252,8 +315,10 @@ impl Engine {
             tip,
             &checkpoints,
             &records,
+            held.as_deref(),
         )
         .await;
+        m.runtime.lock().loading_shards.clear();
         let built = match built {
             Ok(b) => b,
             Err(e) => {
@@ -267,7 +332,7 @@ impl Engine {
             shape,
             Arc::new(built.tables),
             built.version,
-            None,
+            held,
         )));
         self.enforce_undo_budget(m, &mut undo);
         drop(undo);
@@ -344,7 +409,29 @@ impl Engine {
 
     /// One watcher pass: picks up new models (when serving every model), loads models not yet
     /// loaded, follows rollbacks decided elsewhere, applies new versions of the served chain.
+    ///
+    /// The models' passes run concurrently: one waiting for its coordinator's gate does not hold
+    /// the others back (the call returns when every pass is done).
     pub async fn poll_repository(&self) -> Result<()> {
+        self.refresh_models().await?;
+        let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
+        let results =
+            futures::future::join_all(models.iter().map(|m| self.poll_model_logged(m))).await;
+        match results.into_iter().flatten().next() {
+            Some(e) if e.kind() == ErrorKind::Unavailable => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// One model's pass; its error (kept for the caller) is logged.
+    async fn poll_model_logged(&self, m: &Arc<Model>) -> Option<EngineError> {
+        let e = self.poll_model(m).await.err()?;
+        tracing::warn!(model = %m.name, error = %e, "repository poll failed");
+        Some(e)
+    }
+
+    /// Adds the repository's new models when serving every model.
+    async fn refresh_models(&self) -> Result<()> {
         if self.inner.config.models.is_none() {
             let names = self.repo().list_models().await.map_err(|e| {
                 EngineError::repository(format!("listing models in {}", self.repo().uri()), e)
@@ -360,18 +447,7 @@ impl Engine {
                 self.inner.models.store(Arc::new(next));
             }
         }
-        let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
-        let mut first_err = None;
-        for m in models {
-            if let Err(e) = self.poll_model(&m).await {
-                tracing::warn!(model = %m.name, error = %e, "repository poll failed");
-                first_err.get_or_insert(e);
-            }
-        }
-        match first_err {
-            Some(e) if e.kind() == ErrorKind::Unavailable => Err(e),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     async fn poll_model(&self, m: &Arc<Model>) -> Result<()> {
@@ -410,9 +486,20 @@ impl Engine {
                     }
                 }
                 tracing::info!(model = %m.name, from = serving, to, "following a rollback recorded in the repository");
-                self.rollback_locked(m, &lineage, serving, to).await?;
+                if self
+                    .rollback_locked(m, &lineage, serving, to)
+                    .await?
+                    .is_none()
+                {
+                    // Abandoned by the cluster: the next pass stages it again if still wanted.
+                    return Ok(());
+                }
                 self.secure_rollback(m, &lineage, to).await?;
             }
+        }
+        if let Err(e) = self.follow_placement(m, &lineage).await {
+            m.fail(None, e.to_string());
+            return Err(e);
         }
         let failed = m.runtime.lock().failed.clone();
         loop {
@@ -433,7 +520,8 @@ impl Engine {
                 _ => self.apply_full(m, &lineage, next).await,
             };
             match outcome {
-                Ok(()) => self.record_served(m, &history, next, serving).await,
+                Ok(Switch::Done) => self.record_served(m, &history, next, serving).await,
+                Ok(Switch::Abandoned) => return Ok(()),
                 Err(e) => {
                     m.stage_bytes.store(0, Ordering::Relaxed);
                     m.runtime.lock().staged = None;
@@ -443,6 +531,136 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Rebuilds the model for the shards the coordinator places on this node when they differ
+    /// from the ones its view holds: the same build as a first load, at the version served now,
+    /// while the current view keeps serving; then a swap (same version, so no gate). The caller
+    /// holds the versions lock.
+    async fn follow_placement(&self, m: &Arc<Model>, lineage: &Lineage) -> Result<()> {
+        if self.coordinator().is_none() {
+            return Ok(());
+        }
+        let view = self.serving_view(m)?;
+        let want = self.placement(&view.shape)?;
+        if want.as_deref() == view.held.as_deref() {
+            return Ok(());
+        }
+        let serving = view.default;
+        let Some(pos) = lineage.position(serving) else {
+            // Serving a version off the chain (a newer full version started a new one): the
+            // switch to it builds for the new placement.
+            tracing::debug!(model = %m.name, serving, "placement changed; waiting for the switch to the served chain");
+            return Ok(());
+        };
+        let all = |h: Option<&ShardSet>| match h {
+            Some(h) => h.list(),
+            None => (0..view.shape.shards).collect::<Vec<u32>>(),
+        };
+        let before = all(view.held.as_deref());
+        m.runtime.lock().loading_shards = all(want.as_deref())
+            .into_iter()
+            .filter(|s| !before.contains(s))
+            .collect();
+        m.changed();
+        let result = self.rebuild_held(m, &view, lineage, pos, want).await;
+        m.runtime.lock().loading_shards.clear();
+        m.progress_end();
+        m.changed();
+        result
+    }
+
+    async fn rebuild_held(
+        &self,
+        m: &Arc<Model>,
+        view: &Arc<View>,
+        lineage: &Lineage,
+        pos: usize,
+        held: Option<Arc<ShardSet>>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let serving = view.default;
+        let wal = m.wal.get().ok_or_else(|| {
+            EngineError::internal(format!(
+                "model {} serves without a write-ahead log; restart the node",
+                m.name
+            ))
+        })?;
+        let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
+            EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
+        })?;
+        // Online writes go on during the build: it replays the log up to `seen`, and the swap
+        // below replays what came after, under the write lock, so none is lost or applied twice.
+        let seen = wal.last_sequence();
+        wal.wait_durable(seen).await?;
+        let records: Vec<_> = wal::read_all(&self.wal_dir(&m.name))?
+            .into_iter()
+            .filter(|r| r.seq <= seen)
+            .collect();
+        let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
+            .map(|(c, _)| c.clone())
+            .unwrap_or_else(|| lineage.chain[0].clone());
+        self.check_memory(
+            &m.name,
+            serving,
+            build_estimate(&view.shape, &lineage.chain[..=pos], &base, held.as_deref()),
+        )?;
+        let built = loader::build(
+            self.repo(),
+            m,
+            &view.shape,
+            lineage,
+            pos,
+            &checkpoints,
+            &records,
+            held.as_deref(),
+        )
+        .await?;
+        let mut undo_log = m.write.lock().await;
+        let last = wal.last_sequence();
+        if last > seen {
+            wal.wait_durable(last).await?;
+            let late: Vec<_> = wal::read_all(&self.wal_dir(&m.name))?
+                .into_iter()
+                .filter(|r| r.seq > seen && r.seq <= last)
+                .collect();
+            let undo = built
+                .undo
+                .last()
+                .filter(|u| u.version == serving)
+                .map(|u| u.rows.clone());
+            loader::replay(
+                &view.shape,
+                &built.tables,
+                undo.as_deref(),
+                &late,
+                serving,
+                0,
+                &m.name,
+                held.as_deref(),
+            )?;
+        }
+        undo_log.entries = built.undo.into();
+        let described = held
+            .as_deref()
+            .map(|h| h.describe())
+            .unwrap_or_else(|| "all".to_string());
+        m.publish(Arc::new(View::plain(
+            view.shape.clone(),
+            Arc::new(built.tables),
+            serving,
+            held,
+        )));
+        self.enforce_undo_budget(m, &mut undo_log);
+        drop(undo_log);
+        tracing::info!(
+            model = %m.name,
+            version = serving,
+            shards = %described,
+            seconds = started.elapsed().as_secs_f64(),
+            "model rebuilt for a new shard placement"
+        );
+        Ok(())
     }
 
     async fn record_served(&self, m: &Model, history: &[HistoryRecord], v: &Manifest, from: u64) {
@@ -472,8 +690,9 @@ impl Engine {
         }
     }
 
-    /// Applies delta `d` (child of the serving version): stage, flip, merge with undo records.
-    async fn apply_delta(&self, m: &Arc<Model>, d: &Manifest) -> Result<()> {
+    /// Applies delta `d` (child of the serving version): stage, gate (in a cluster), flip, merge
+    /// with undo records.
+    async fn apply_delta(&self, m: &Arc<Model>, d: &Manifest) -> Result<Switch> {
         let view = self.serving_view(m)?;
         let from = view.default;
         let started = Instant::now();
@@ -492,7 +711,8 @@ impl Engine {
                 .sum()
         })?;
         m.progress_start(d.version, d.rows, d.bytes());
-        let stage = Arc::new(read_delta(self.repo(), m, &view.shape, d).await?);
+        let stage =
+            Arc::new(read_delta(self.repo(), m, &view.shape, d, view.held.as_deref()).await?);
         m.progress_end();
         m.stage_bytes.store(stage.bytes(), Ordering::Relaxed);
         m.runtime.lock().staged = Some(d.version);
@@ -504,7 +724,19 @@ impl Engine {
                 (d.version, Source::Overlay(stage.clone())),
             ],
         ));
-        m.publish(staged.clone());
+        if self.coordinator().is_some() {
+            // Online writes go on while the gate is closed: they change the base tables under
+            // both readable versions, as between staging and flipping without a coordinator.
+            if self
+                .stage_and_gate(m, &view, staged.clone(), d.version)
+                .await
+                == Gate::Abandon
+            {
+                return Ok(Switch::Abandoned);
+            }
+        } else {
+            m.publish(staged.clone());
+        }
         let mut undo_log = m.write.lock().await;
         let tables = view.tables.clone();
         let (undo, tables) = {
@@ -568,33 +800,76 @@ impl Engine {
             seconds = started.elapsed().as_secs_f64(),
             "delta applied"
         );
-        Ok(())
+        Ok(Switch::Done)
     }
 
-    /// Replaces the serving state by a newer full version (loaded beside it, then swapped).
-    async fn apply_full(&self, m: &Arc<Model>, lineage: &Lineage, f: &Manifest) -> Result<()> {
+    /// Replaces the serving state by a newer full version (loaded beside it, staged behind the
+    /// gate in a cluster, then swapped).
+    async fn apply_full(&self, m: &Arc<Model>, lineage: &Lineage, f: &Manifest) -> Result<Switch> {
         let view = self.serving_view(m)?;
         let pos = lineage.position(f.version).ok_or_else(|| {
             EngineError::internal(format!("version {} is not in the chain", f.version))
         })?;
         let shape = self.shape(&m.name).await?;
+        let held = self.placement(&shape)?;
         self.check_memory(
             &m.name,
             f.version,
-            build_estimate(&shape, &lineage.chain[..=pos], f),
+            build_estimate(&shape, &lineage.chain[..=pos], f, held.as_deref()),
         )?;
-        let built = loader::build(self.repo(), m, &shape, lineage, pos, &[], &[]).await?;
+        let built = loader::build(
+            self.repo(),
+            m,
+            &shape,
+            lineage,
+            pos,
+            &[],
+            &[],
+            held.as_deref(),
+        )
+        .await?;
+        let tables = Arc::new(built.tables);
+        if self
+            .stage_beside(m, &view, &shape, &held, &tables, f.version)
+            .await
+            == Gate::Abandon
+        {
+            return Ok(Switch::Abandoned);
+        }
         let mut undo = m.write.lock().await;
         undo.entries = built.undo.into();
-        m.publish(Arc::new(View::plain(
-            shape,
-            Arc::new(built.tables),
-            built.version,
-            None,
-        )));
+        m.publish(Arc::new(View::plain(shape, tables, built.version, held)));
         self.enforce_undo_budget(m, &mut undo);
         tracing::info!(model = %m.name, version = f.version, replaced = view.default, "full version loaded");
-        Ok(())
+        Ok(Switch::Done)
+    }
+
+    /// Stages `version`, built into `tables` beside the serving ones, and waits for the gate.
+    /// It is readable when pinned while staged if the serving view can read it: same shape and
+    /// same held shards (a new model.json or placement makes it visible only at the swap).
+    async fn stage_beside(
+        &self,
+        m: &Model,
+        view: &Arc<View>,
+        shape: &Shape,
+        held: &Option<Arc<ShardSet>>,
+        tables: &Arc<Tables>,
+        version: u64,
+    ) -> Gate {
+        if self.coordinator().is_none() {
+            return Gate::Go;
+        }
+        let mut readable = vec![(view.default, Source::Base)];
+        if same_layout(&view.shape, shape) && view.held.as_deref() == held.as_deref() {
+            readable.push((version, Source::Tables(tables.clone())));
+        }
+        m.stage_bytes
+            .store(tables.held_bytes(held.as_deref()), Ordering::Relaxed);
+        let staged = Arc::new(view.with(view.default, readable));
+        let gate = self.stage_and_gate(m, view, staged, version).await;
+        m.stage_bytes.store(0, Ordering::Relaxed);
+        m.runtime.lock().staged = None;
+        gate
     }
 
     /// Rolls the model back to `to`, an earlier version of its served chain: instantly from undo
@@ -653,7 +928,13 @@ impl Engine {
                 e,
             )
         })?;
-        let method = self.rollback_locked(&m, &lineage, from, to).await?;
+        let Some(method) = self.rollback_locked(&m, &lineage, from, to).await? else {
+            return Err(EngineError::precondition(format!(
+                "the rollback of model {model} from {from} to {to} is recorded, but the cluster \
+                 abandoned the switch on this node; it still serves {from} and follows the \
+                 recorded rollback when the cluster switches"
+            )));
+        };
         m.runtime.lock().newest = lineage.tip();
         self.secure_rollback(&m, &lineage, to).await?;
         Ok(RollbackReport {
@@ -720,6 +1001,10 @@ impl Engine {
     /// new state makes it durable. The caller holds the versions lock.
     async fn secure_rollback(&self, m: &Arc<Model>, lineage: &Lineage, to: u64) -> Result<()> {
         if self.log_gap(m, lineage, to).await?.is_some() {
+            if let Some(held) = self.serving_view(m)?.held.as_deref() {
+                tracing::warn!(model = %m.name, version = to, held = %held.describe(), "the rolled-back state needs a checkpoint to survive a restart, but this node holds only some shards; a node holding every shard must write it");
+                return Ok(());
+            }
             tracing::info!(model = %m.name, version = to, "checkpointing the rolled-back state: the WAL alone cannot rebuild it");
             self.checkpoint_locked(m).await?;
         }
@@ -727,62 +1012,30 @@ impl Engine {
     }
 
     /// Switches the serving state from `from` to `to`; the caller holds the versions lock.
+    /// Returns the method, or `None` when the cluster abandoned the staged switch.
     async fn rollback_locked(
         &self,
         m: &Arc<Model>,
         lineage: &Lineage,
         from: u64,
         to: u64,
-    ) -> Result<&'static str> {
+    ) -> Result<Option<&'static str>> {
         let view = self.serving_view(m)?;
-        let mut undo_log = m.write.lock().await;
-        let run = undo_run(&undo_log, from, to);
-        if let Some(count) = run {
-            let records: Vec<_> = undo_log
-                .entries
-                .iter()
-                .rev()
-                .take(count)
-                .map(|e| e.rows.clone())
-                .collect();
-            let tables = view.tables.clone();
-            let (rb, forward, tables) = tokio::task::spawn_blocking(move || {
-                let rb = compose_undo(&records);
-                let forward = capture_undo(&tables, &rb);
-                (rb, forward, tables)
+        let records: Option<Vec<_>> = {
+            let undo_log = m.write.lock().await;
+            undo_run(&undo_log, from, to).map(|count| {
+                undo_log
+                    .entries
+                    .iter()
+                    .rev()
+                    .take(count)
+                    .map(|e| e.rows.clone())
+                    .collect()
             })
-            .await
-            .map_err(|e| EngineError::internal(format!("composing the rollback to {to}: {e}")))?;
-            let rb = Arc::new(rb);
-            m.stage_bytes
-                .store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
-            let flipped = Arc::new(view.with(
-                to,
-                vec![
-                    (to, Source::Overlay(rb.clone())),
-                    (from, Source::Overlay(Arc::new(forward))),
-                ],
-            ));
-            m.publish(flipped.clone());
-            drain_readers(&[&view]).await;
-            {
-                let rb = rb.clone();
-                tokio::task::spawn_blocking(move || merge(&tables, &rb))
-                    .await
-                    .map_err(|e| {
-                        EngineError::internal(format!("merging the rollback to {to}: {e}"))
-                    })?;
-            }
-            m.publish(Arc::new(view.with(to, vec![(to, Source::Base)])));
-            drain_readers(&[&flipped]).await;
-            m.stage_bytes.store(0, Ordering::Relaxed);
-            let keep = undo_log.entries.len() - count;
-            undo_log.entries.truncate(keep);
-            self.enforce_undo_budget(m, &mut undo_log);
-            tracing::info!(model = %m.name, from, to, method = "undo", "rolled back");
-            return Ok("undo");
+        };
+        if let Some(records) = records {
+            return self.rollback_undo(m, &view, records, from, to).await;
         }
-        drop(undo_log);
         // Rebuild in the background of this task; the current version keeps serving.
         let pos = lineage.position(to).ok_or_else(|| {
             EngineError::precondition(format!(
@@ -797,10 +1050,11 @@ impl Engine {
         let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
             .map(|(c, _)| c.clone())
             .unwrap_or_else(|| lineage.chain[0].clone());
+        let held = view.held.clone();
         self.check_memory(
             &m.name,
             to,
-            build_estimate(&view.shape, &lineage.chain[..=pos], &base),
+            build_estimate(&view.shape, &lineage.chain[..=pos], &base, held.as_deref()),
         )?;
         let built = loader::build(
             self.repo(),
@@ -810,23 +1064,110 @@ impl Engine {
             pos,
             &checkpoints,
             &records,
+            held.as_deref(),
         )
         .await?;
+        let tables = Arc::new(built.tables);
+        if self
+            .stage_beside(m, &view, &view.shape, &held, &tables, to)
+            .await
+            == Gate::Abandon
+        {
+            return Ok(None);
+        }
         let mut undo_log = m.write.lock().await;
         undo_log.entries = built.undo.into();
         m.publish(Arc::new(View::plain(
             view.shape.clone(),
-            Arc::new(built.tables),
+            tables,
             built.version,
-            None,
+            held,
         )));
         self.enforce_undo_budget(m, &mut undo_log);
         tracing::info!(model = %m.name, from, to, method = "rebuild", from_state = %built.detail, "rolled back");
-        Ok("rebuild")
+        Ok(Some("rebuild"))
     }
 
-    /// Spawns the watcher: polls the repository every `poll_interval` and writes scheduled
-    /// checkpoints, until `shutdown` turns true.
+    /// A rollback from the newest undo records (`records`, newest first, from `from` back to
+    /// `to`): stage `to` through their composition (in a cluster), gate, flip, merge.
+    async fn rollback_undo(
+        &self,
+        m: &Arc<Model>,
+        view: &Arc<View>,
+        records: Vec<Arc<RowSet>>,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<&'static str>> {
+        let compose = |records: Vec<Arc<RowSet>>| async move {
+            tokio::task::spawn_blocking(move || compose_undo(&records))
+                .await
+                .map_err(|e| EngineError::internal(format!("composing the rollback to {to}: {e}")))
+        };
+        let count = records.len();
+        let mut staged = None;
+        if self.coordinator().is_some() {
+            let rb = Arc::new(compose(records.clone()).await?);
+            m.stage_bytes.store(rb.bytes(), Ordering::Relaxed);
+            let view_staged =
+                Arc::new(view.with(from, vec![(from, Source::Base), (to, Source::Overlay(rb))]));
+            if self.stage_and_gate(m, view, view_staged.clone(), to).await == Gate::Abandon {
+                return Ok(None);
+            }
+            staged = Some(view_staged);
+        }
+        let mut undo_log = m.write.lock().await;
+        // Composed again under the write lock: online writes made while the gate was closed
+        // added rows to the records.
+        let rb = compose(records).await?;
+        let tables = view.tables.clone();
+        let (rb, forward, tables) = tokio::task::spawn_blocking(move || {
+            let forward = capture_undo(&tables, &rb);
+            (rb, forward, tables)
+        })
+        .await
+        .map_err(|e| EngineError::internal(format!("composing the rollback to {to}: {e}")))?;
+        let rb = Arc::new(rb);
+        m.stage_bytes
+            .store(rb.bytes() + forward.bytes(), Ordering::Relaxed);
+        let flipped = Arc::new(view.with(
+            to,
+            vec![
+                (to, Source::Overlay(rb.clone())),
+                (from, Source::Overlay(Arc::new(forward))),
+            ],
+        ));
+        m.publish(flipped.clone());
+        // Readers of the earlier views read the base tables without an overlay for the keys
+        // the merge changes: they must be done before it starts.
+        match &staged {
+            Some(st) => drain_readers(&[view, st]).await,
+            None => drain_readers(&[view]).await,
+        }
+        drop(staged);
+        {
+            let rb = rb.clone();
+            tokio::task::spawn_blocking(move || merge(&tables, &rb))
+                .await
+                .map_err(|e| EngineError::internal(format!("merging the rollback to {to}: {e}")))?;
+        }
+        m.publish(Arc::new(view.with(to, vec![(to, Source::Base)])));
+        drain_readers(&[&flipped]).await;
+        m.stage_bytes.store(0, Ordering::Relaxed);
+        m.runtime.lock().staged = None;
+        let keep = undo_log.entries.len() - count;
+        undo_log.entries.truncate(keep);
+        self.enforce_undo_budget(m, &mut undo_log);
+        tracing::info!(model = %m.name, from, to, method = "undo", "rolled back");
+        Ok(Some("undo"))
+    }
+
+    /// Spawns the watcher: polls the repository every `poll_interval` (or at once after
+    /// [`Engine::wake`]) and writes scheduled checkpoints, until `shutdown` turns true.
+    ///
+    /// Each model's pass runs as a task of its own, and a model whose previous pass is still
+    /// running (waiting for its coordinator's gate, or loading) is skipped, so no model holds
+    /// the others back. At shutdown, passes waiting for a gate drop it (their staged version
+    /// is abandoned); the watcher ends once every pass has.
     pub fn spawn_background(
         &self,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -834,41 +1175,66 @@ impl Engine {
         let engine = self.clone();
         tokio::spawn(async move {
             let every = engine.inner.config.poll_interval;
+            let mut passes: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
             loop {
                 if *shutdown.borrow() {
                     break;
                 }
-                if let Err(e) = engine.poll_repository().await {
+                if let Err(e) = engine.refresh_models().await {
                     tracing::warn!(error = %e, "repository watcher pass failed");
                 }
-                engine.scheduled_checkpoints().await;
+                let models: Vec<Arc<Model>> =
+                    engine.inner.models.load().values().cloned().collect();
+                for m in models {
+                    if passes.get(&m.name).is_some_and(|p| !p.is_finished()) {
+                        continue;
+                    }
+                    let e = engine.clone();
+                    let name = m.name.clone();
+                    passes.insert(
+                        name,
+                        tokio::spawn(async move {
+                            e.poll_model_logged(&m).await;
+                            e.scheduled_checkpoint(&m).await;
+                        }),
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
+                    _ = engine.inner.wake.notified() => {}
                     changed = shutdown.changed() => {
                         if changed.is_err() { break; }
                     }
                 }
             }
+            engine.inner.closing.send_replace(true);
+            for (_, pass) in passes {
+                let _ = pass.await;
+            }
         })
     }
 
-    async fn scheduled_checkpoints(&self) {
+    /// Writes a checkpoint of `m` when one is due. Nodes holding only some shards of a model
+    /// skip it: a checkpoint needs every shard.
+    async fn scheduled_checkpoint(&self, m: &Arc<Model>) {
         let Some(every) = self.inner.config.checkpoint_interval else {
             return;
         };
-        let models: Vec<Arc<Model>> = self.inner.models.load().values().cloned().collect();
-        for m in models {
-            if m.view.load().is_none() {
-                continue;
-            }
-            let due = {
-                let mut rt = m.runtime.lock();
-                let last = *rt.last_checkpoint.get_or_insert_with(Instant::now);
-                last.elapsed() >= every
-            };
-            if due && let Err(e) = self.checkpoint(&m.name).await {
-                tracing::warn!(model = %m.name, error = %e, "scheduled checkpoint failed");
-            }
+        let Some(view) = m.view.load_full() else {
+            return;
+        };
+        if let Some(held) = view.held.as_deref() {
+            tracing::debug!(model = %m.name, held = %held.describe(), "no scheduled checkpoint: this node holds only some shards");
+            return;
+        }
+        drop(view);
+        let due = {
+            let mut rt = m.runtime.lock();
+            let last = *rt.last_checkpoint.get_or_insert_with(Instant::now);
+            last.elapsed() >= every
+        };
+        if due && let Err(e) = self.checkpoint(&m.name).await {
+            tracing::warn!(model = %m.name, error = %e, "scheduled checkpoint failed");
         }
     }
 
@@ -1013,8 +1379,19 @@ impl Engine {
         // holding one while waiting for the write lock it holds would deadlock.
         drop(view);
         let undo_log = m.write.lock().await;
-        // The view may have changed while waiting (a merge finished, a rebuild swapped tables).
+        // The view may have changed while waiting (a merge finished, a rebuild swapped tables,
+        // the held shards changed).
         let view = self.serving_view(&m)?;
+        if let Some(held) = view.held.as_deref() {
+            let shards = view.shape.shards;
+            if let Some(&key) = keys
+                .iter()
+                .find(|&&k| !held.contains(shard_of(k, shards) as usize))
+            {
+                let shard = shard_of(key, shards) as usize;
+                return Err(not_held(model, shard, key, held));
+            }
+        }
         let version = view.default;
         let seq = wal.append(version, op, table, keys, values)?;
         let undo = undo_log
@@ -1031,6 +1408,7 @@ impl Engine {
             op,
             keys,
             values,
+            view.held.as_deref(),
             &mut scratch,
         )?;
         if undo.is_some() {
@@ -1060,6 +1438,14 @@ impl Engine {
         let model = m.name.as_str();
         let started = Instant::now();
         let view = self.serving_view(m)?;
+        if let Some(held) = view.held.as_deref() {
+            return Err(EngineError::precondition(format!(
+                "model {model}: this node holds shards {} of {}; a checkpoint needs every shard, \
+                 ask a node that holds them all",
+                held.describe(),
+                view.shape.shards
+            )));
+        }
         let version = view.default;
         let undo_log = m.write.lock().await;
         let seq = m.wal.get().map(|w| w.last_sequence()).unwrap_or(0);
@@ -1341,13 +1727,19 @@ fn model_report(m: &Model) -> ModelReport {
     }
 }
 
+/// Per-table figures over the shards this node holds.
 fn table_statuses(view: &View) -> Vec<TableStatus> {
     view.shape
         .tables
         .iter()
         .enumerate()
         .map(|(t, ts)| {
-            let shards = &view.tables.shards[t];
+            let shards: Vec<&hopps_table::Table> = view.tables.shards[t]
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| holds(view.held.as_deref(), *s))
+                .map(|(_, table)| table)
+                .collect();
             let rows: u64 = shards.iter().map(|s| s.len() as u64).sum();
             let capacity: u64 = shards.iter().map(|s| s.capacity() as u64).sum();
             TableStatus {
@@ -1367,6 +1759,41 @@ fn table_statuses(view: &View) -> Vec<TableStatus> {
             }
         })
         .collect()
+}
+
+/// How a version change ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    /// The new version is the default.
+    Done,
+    /// The cluster abandoned the staged version; the old one still serves.
+    Abandoned,
+}
+
+/// Puts a model's previous view back unless disarmed (`prev` taken): a staged version the
+/// cluster abandoned, or a pass dropped while it waited for the gate.
+struct Unstage<'a> {
+    m: &'a Model,
+    prev: Option<Arc<View>>,
+}
+
+impl Drop for Unstage<'_> {
+    fn drop(&mut self) {
+        if let Some(prev) = self.prev.take() {
+            self.m.stage_bytes.store(0, Ordering::Relaxed);
+            self.m.runtime.lock().staged = None;
+            self.m.publish(prev);
+        }
+    }
+}
+
+/// Whether tables built for `b` can be read through a view of shape `a`.
+fn same_layout(a: &Shape, b: &Shape) -> bool {
+    a.shards == b.shards
+        && a.tables.len() == b.tables.len()
+        && a.tables.iter().zip(&b.tables).all(|(x, y)| {
+            x.name == y.name && x.dim == y.dim && x.row_bytes == y.row_bytes && x.dtype == y.dtype
+        })
 }
 
 #[allow(dead_code)]

@@ -15,7 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::lineage::Lineage;
 use crate::model::{Model, UndoEntry, capture_undo, merge};
 use crate::rows::TableShape;
-use crate::view::{ABSENT, PRESENT, RowSet, Shape, Tables};
+use crate::view::{ABSENT, PRESENT, RowSet, Shape, ShardSet, Tables, holds};
 use crate::wal::{WalOp, WalRecord};
 
 /// Rows of a version, in tables ready to serve, and the undo records of the deltas applied.
@@ -42,8 +42,14 @@ fn manifest_rows(shape: &Shape, m: &Manifest) -> Vec<u64> {
         .collect()
 }
 
-/// Memory a build up to `upto` in `chain` needs, starting from `base`.
-pub(crate) fn build_estimate(shape: &Shape, chain: &[Manifest], base: &Manifest) -> u64 {
+/// Memory a build up to `upto` in `chain` needs, starting from `base`, for the shards in
+/// `held` (`None` = all; keys spread evenly over the shards).
+pub(crate) fn build_estimate(
+    shape: &Shape,
+    chain: &[Manifest],
+    base: &Manifest,
+    held: Option<&ShardSet>,
+) -> u64 {
     let mut rows = manifest_rows(shape, base);
     for m in chain
         .iter()
@@ -54,12 +60,16 @@ pub(crate) fn build_estimate(shape: &Shape, chain: &[Manifest], base: &Manifest)
             *r += 2 * add;
         }
     }
-    shape
+    let all: u64 = shape
         .tables
         .iter()
         .zip(rows)
         .map(|(t, r)| table_bytes_estimate(r, t.row_bytes))
-        .sum()
+        .sum();
+    match held {
+        Some(h) => all * h.list().len() as u64 / u64::from(shape.shards.max(1)),
+        None => all,
+    }
 }
 
 /// The newest checkpoint of the chain at or before `chain[upto]`.
@@ -78,7 +88,9 @@ pub(crate) fn pick_checkpoint<'a>(
 }
 
 /// Builds the state of `lineage.chain[upto]` from the repository and `wal` (all records of the
-/// model's log, ascending).
+/// model's log, ascending), holding only the shards in `held` (`None` = all): rows of other
+/// shards are skipped while reading and their tables stay empty.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn build(
     repo: &Repository,
     model: &Model,
@@ -87,6 +99,7 @@ pub(crate) async fn build(
     upto: usize,
     checkpoints: &[Manifest],
     wal: &[WalRecord],
+    held: Option<&ShardSet>,
 ) -> Result<Built> {
     let target = &lineage.chain[upto];
     let (base, start, wal_floor) = match pick_checkpoint(lineage, upto, checkpoints) {
@@ -100,11 +113,11 @@ pub(crate) async fn build(
         .sum::<u64>()
         + base.bytes();
     model.progress_start(target.version, rows_total, bytes_total);
-    let mut tables = Tables::with_rows(shape, 0, &manifest_rows(shape, &base));
+    let mut tables = Tables::with_rows(shape, 0, &manifest_rows(shape, &base), held);
     if base.kind == VersionKind::Checkpoint {
-        load_checkpoint(repo, model, shape, &base, &tables).await?;
+        load_checkpoint(repo, model, shape, &base, &tables, held).await?;
     } else {
-        load_full(repo, model, shape, &base, &tables).await?;
+        load_full(repo, model, shape, &base, &tables, held).await?;
     }
     let mut undo = Vec::new();
     replay(
@@ -115,9 +128,10 @@ pub(crate) async fn build(
         base.version,
         wal_floor,
         &model.name,
+        held,
     )?;
     for m in &lineage.chain[start + 1..=upto] {
-        let stage = read_delta(repo, model, shape, m).await?;
+        let stage = read_delta(repo, model, shape, m, held).await?;
         let rows = Arc::new(capture_undo(&tables, &stage));
         merge(&tables, &stage);
         replay(
@@ -128,6 +142,7 @@ pub(crate) async fn build(
             m.version,
             wal_floor,
             &model.name,
+            held,
         )?;
         undo.push(UndoEntry {
             version: m.version,
@@ -150,8 +165,10 @@ pub(crate) async fn build(
     })
 }
 
-/// Applies the logged writes made while `version` served, after the checkpoint floor.
-fn replay(
+/// Applies the logged writes made while `version` served, after the checkpoint floor, to the
+/// shards in `held`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn replay(
     shape: &Shape,
     tables: &Tables,
     undo: Option<&RowSet>,
@@ -159,6 +176,7 @@ fn replay(
     version: u64,
     floor: u64,
     model: &str,
+    held: Option<&ShardSet>,
 ) -> Result<()> {
     let mut scratch = WriteScratch::default();
     for r in wal.iter().filter(|r| r.version == version && r.seq > floor) {
@@ -176,6 +194,7 @@ fn replay(
             r.op,
             &r.keys,
             &r.values,
+            held,
             &mut scratch,
         )?;
     }
@@ -191,7 +210,8 @@ pub(crate) struct WriteScratch {
 }
 
 /// Applies one online write to `tables`, first recording in `undo` (when given) the old row of
-/// every key it has no record for yet.
+/// every key it has no record for yet. Keys of shards not in `held` are skipped (a replay of
+/// the log on a node holding some shards; online writes to them are refused before logging).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_write(
     shape: &Shape,
@@ -201,6 +221,7 @@ pub(crate) fn apply_write(
     op: WalOp,
     keys: &[u64],
     values: &[f32],
+    held: Option<&ShardSet>,
     s: &mut WriteScratch,
 ) -> Result<()> {
     let ts = &shape.tables[t];
@@ -211,6 +232,9 @@ pub(crate) fn apply_write(
     let shards = shape.shards;
     for (i, &key) in keys.iter().enumerate() {
         let sh = shard_of(key, shards) as usize;
+        if !holds(held, sh) {
+            continue;
+        }
         let base = &tables.shards[t][sh];
         if let Some(u) = undo {
             let u = &u.shards[t][sh];
@@ -272,8 +296,9 @@ async fn load_full(
     shape: &Shape,
     m: &Manifest,
     tables: &Tables,
+    held: Option<&ShardSet>,
 ) -> Result<()> {
-    stream_version(repo, model, shape, m, "version", tables, RowTag::None).await
+    stream_version(repo, model, shape, m, "version", tables, RowTag::None, held).await
 }
 
 /// How [`stream_version`] writes a row into its target tables.
@@ -286,7 +311,9 @@ enum RowTag {
 }
 
 /// The one read loop of full loads and deltas: streams every table of version `m`, checks each
-/// batch, encodes its rows grouped by shard into `into`, and reports load progress.
+/// batch, encodes its rows of the shards in `held` grouped by shard into `into`, and reports
+/// load progress.
+#[allow(clippy::too_many_arguments)]
 async fn stream_version(
     repo: &Repository,
     model: &Model,
@@ -295,6 +322,7 @@ async fn stream_version(
     noun: &str,
     into: &Tables,
     tag: RowTag,
+    held: Option<&ShardSet>,
 ) -> Result<()> {
     let tag_bytes = usize::from(tag == RowTag::Leading);
     for (t, ts) in shape.tables.iter().enumerate() {
@@ -332,6 +360,9 @@ async fn stream_version(
                     continue;
                 }
                 let shard = shard_of(key, shape.shards) as usize;
+                if !holds(held, shard) {
+                    continue;
+                }
                 let row = grouped.push(shard, key, ts.row_bytes + tag_bytes);
                 let values = &batch.values[i * ts.dim..(i + 1) * ts.dim];
                 match (tag, deleted) {
@@ -353,13 +384,15 @@ async fn stream_version(
     Ok(())
 }
 
-/// Reads a checkpoint's segments (already-encoded rows) into empty `tables`.
+/// Reads a checkpoint's segments (already-encoded rows) of the shards in `held` into empty
+/// `tables`; segments of other shards are not read at all.
 async fn load_checkpoint(
     repo: &Repository,
     model: &Model,
     shape: &Shape,
     m: &Manifest,
     tables: &Tables,
+    held: Option<&ShardSet>,
 ) -> Result<()> {
     for mt in &m.tables {
         let t = shape.table_index(&mt.name).map_err(|e| {
@@ -370,6 +403,12 @@ async fn load_checkpoint(
         })?;
         let ts = &shape.tables[t];
         for file in &mt.files {
+            if let Some(s) = file.shard
+                && (s as usize) < tables.shards[t].len()
+                && !holds(held, s as usize)
+            {
+                continue;
+            }
             let what = || {
                 format!(
                     "reading checkpoint {} of model {} file {}",
@@ -404,8 +443,10 @@ async fn load_checkpoint(
                 }
                 _ => {
                     for (i, &key) in seg.keys.iter().enumerate() {
-                        tables.shards[t][shard_of(key, shape.shards) as usize]
-                            .upsert(key, &seg.rows[i * rb..(i + 1) * rb]);
+                        let s = shard_of(key, shape.shards) as usize;
+                        if holds(held, s) {
+                            tables.shards[t][s].upsert(key, &seg.rows[i * rb..(i + 1) * rb]);
+                        }
                     }
                 }
             }
@@ -415,20 +456,32 @@ async fn load_checkpoint(
     Ok(())
 }
 
-/// Reads a delta into a change set: tagged rows per (table, shard), the last row of a key wins.
+/// Reads a delta into a change set: tagged rows per (table, shard) of the shards in `held`, the
+/// last row of a key wins.
 pub(crate) async fn read_delta(
     repo: &Repository,
     model: &Model,
     shape: &Shape,
     m: &Manifest,
+    held: Option<&ShardSet>,
 ) -> Result<RowSet> {
     let rows: Vec<u64> = shape
         .tables
         .iter()
         .map(|t| m.table(&t.name).map(|mt| mt.rows + mt.deletes).unwrap_or(0))
         .collect();
-    let stage = Tables::with_rows(shape, 1, &rows);
-    stream_version(repo, model, shape, m, "delta", &stage, RowTag::Leading).await?;
+    let stage = Tables::with_rows(shape, 1, &rows, held);
+    stream_version(
+        repo,
+        model,
+        shape,
+        m,
+        "delta",
+        &stage,
+        RowTag::Leading,
+        held,
+    )
+    .await?;
     Ok(stage)
 }
 

@@ -123,7 +123,7 @@ impl Model {
             .view
             .load()
             .as_ref()
-            .map(|v| v.tables.bytes())
+            .map(|v| v.tables.held_bytes(v.held.as_deref()))
             .unwrap_or(0);
         tables + self.undo_bytes.load(Ordering::Relaxed) + self.stage_bytes.load(Ordering::Relaxed)
     }
@@ -142,6 +142,8 @@ impl Model {
         if self.view.load().is_none() {
             rt.state = "failed";
         }
+        drop(rt);
+        self.changed();
     }
 
     pub(crate) fn progress_start(&self, version: u64, rows_total: u64, bytes_total: u64) {

@@ -59,8 +59,14 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
-    /// Empty tables sized for `rows[t]` rows per table, spread over the shards.
-    pub(crate) fn with_rows(shape: &Shape, extra_row_bytes: usize, rows: &[u64]) -> Tables {
+    /// Empty tables sized for `rows[t]` rows per table, spread over the shards; shards not in
+    /// `held` (when given) get the smallest table, as they stay empty.
+    pub(crate) fn with_rows(
+        shape: &Shape,
+        extra_row_bytes: usize,
+        rows: &[u64],
+        held: Option<&ShardSet>,
+    ) -> Tables {
         let s = shape.shards as usize;
         let shards = shape
             .tables
@@ -72,7 +78,10 @@ impl Tables {
                 // grew or stayed small are rebuilt at their exact size by `compact`.
                 let cap = (rows.get(t).copied().unwrap_or(0) as usize).div_ceil(s.max(1));
                 (0..s)
-                    .map(|_| Table::with_capacity(ts.row_bytes + extra_row_bytes, cap))
+                    .map(|sh| {
+                        let cap = if holds(held, sh) { cap } else { 0 };
+                        Table::with_capacity(ts.row_bytes + extra_row_bytes, cap)
+                    })
                     .collect()
             })
             .collect();
@@ -112,6 +121,16 @@ impl Tables {
             .iter()
             .flatten()
             .map(|t| t.bytes_used() as u64)
+            .sum()
+    }
+
+    /// Bytes of the shards in `held` (`None` = all): what a node holding them accounts.
+    pub(crate) fn held_bytes(&self, held: Option<&ShardSet>) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|t| t.iter().enumerate())
+            .filter(|(s, _)| holds(held, *s))
+            .map(|(_, t)| t.bytes_used() as u64)
             .sum()
     }
 }
