@@ -40,6 +40,16 @@ pub enum ClientError {
         /// What is wrong with the answer.
         reason: String,
     },
+    /// A cluster-mode failure: etcd unreachable, no ready replica for a shard, a deadline spent
+    /// on retries. The message names the cluster, model, shard or node and what to do; `code`
+    /// is the gRPC code that fits it best (the last node's code when nodes answered).
+    #[error("{message}")]
+    Cluster {
+        /// The gRPC code of the failure.
+        code: Code,
+        /// What failed and what to do.
+        message: String,
+    },
 }
 
 impl ClientError {
@@ -51,6 +61,7 @@ impl ClientError {
             ClientError::Connect { .. } => Some(Code::Unavailable),
             ClientError::Status { code, .. } => Some(*code),
             ClientError::Protocol { .. } => Some(Code::Internal),
+            ClientError::Cluster { code, .. } => Some(*code),
         }
     }
 

@@ -13,6 +13,7 @@
 //! so every error carries the gRPC code and the server's message ([`ClientError::code`]).
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod error;
 mod types;
 
@@ -24,6 +25,7 @@ use hopps_proto::v1::admin_client::AdminClient;
 use hopps_proto::v1::hopps_client::HoppsClient;
 use tonic::transport::{Channel, Endpoint};
 
+pub use cluster::{ClusterClient, ClusterOptions, ClusterStats, ClusterStatus};
 pub use error::ClientError;
 pub use tonic::Code;
 pub use types::{
@@ -82,6 +84,25 @@ impl Client {
 
     /// Connects to the node at `addr` with `options`.
     pub async fn connect_with(addr: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+        let endpoint = Client::endpoint(addr, options)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok(Client::over(addr, channel, options))
+    }
+
+    /// A client whose connection is made on its first call (and remade after a failure), so
+    /// a cluster client can keep one per node without waiting for nodes it may never call.
+    pub(crate) fn connect_lazy(addr: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+        let endpoint = Client::endpoint(addr, options)?;
+        Ok(Client::over(addr, endpoint.connect_lazy(), options))
+    }
+
+    fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
         let uri = endpoint_uri(addr);
         let mut endpoint =
             Endpoint::from_shared(uri).map_err(|err| ClientError::InvalidAddress {
@@ -98,15 +119,12 @@ impl Client {
         if let Some(timeout) = options.request_timeout {
             endpoint = endpoint.timeout(timeout);
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
+        Ok(endpoint)
+    }
+
+    fn over(addr: &str, channel: Channel, options: &ClientOptions) -> Client {
         let limit = options.max_message_bytes;
-        Ok(Client {
+        Client {
             addr: addr.to_string(),
             hopps: HoppsClient::new(channel.clone())
                 .max_decoding_message_size(limit)
@@ -114,7 +132,7 @@ impl Client {
             admin: AdminClient::new(channel)
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
-        })
+        }
     }
 
     /// The address this client was connected to.
