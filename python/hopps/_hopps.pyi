@@ -145,25 +145,61 @@ class Rows:
     def __getitem__(self, index: int, /) -> npt.NDArray[Any]: ...
     def __iter__(self) -> Iterator[npt.NDArray[Any]]: ...
 
+@type_check_only
+class NodeStatusOrError(TypedDict, total=False):
+    id: str
+    status: NodeStatus
+    error: str
+
+@type_check_only
+class ClusterStatus(TypedDict):
+    """``Client(etcd=..., cluster=...).status()``: the cluster's records as etcd holds them
+    (``nodes``, ``placements``, ``reports``, ``serving``, ``drains``, ``settings``, keyed by node
+    or model) and each live node's own status."""
+
+    cluster: str
+    connected: bool
+    revision: int
+    nodes: dict[str, dict[str, Any]]
+    placements: dict[str, dict[str, Any]]
+    reports: dict[str, dict[str, dict[str, Any]]]
+    serving: dict[str, dict[str, Any]]
+    drains: dict[str, dict[str, Any]]
+    settings: dict[str, dict[str, Any]]
+    node_status: list[NodeStatusOrError]
+
 @final
 class Client:
-    """A connection to one hopps node; safe to share between threads.
+    """A connection to one hopps node (``Client(addr)``) or to a cluster
+    (``Client(etcd="h:p,h:p", cluster="name")``); safe to share between threads.
+
+    Give exactly one of ``addr`` or ``etcd`` and ``cluster``, else :class:`hopps.InvalidArgument`
+    (a ``ValueError``). A cluster client reads the placement from etcd and sends each key to a
+    ready replica of its shard, with retries and hedged requests; every answer is read at one
+    version (the one the cluster serves, or ``version=``). Writes go to every replica of the
+    key's shard. ``timeout`` is then the deadline of a whole call, retries included.
 
     Calls release the GIL while they wait. Connecting fails with :class:`hopps.Unavailable` when
-    nothing answers at ``addr``. A client connected before ``fork()`` raises
+    nothing answers at ``addr`` (or etcd). A client connected before ``fork()`` raises
     :class:`hopps.FailedPrecondition` in the child: connect again there.
     """
 
     def __new__(
         cls,
-        addr: str,
+        addr: Optional[str] = None,
         *,
+        etcd: Optional[str] = None,
+        cluster: Optional[str] = None,
         connect_timeout: float = 5.0,
         timeout: Optional[float] = 60.0,
         max_message_bytes: int = 268435456,
     ) -> Client: ...
     @property
-    def addr(self) -> str: ...
+    def addr(self) -> Optional[str]:
+        """The node's address; ``None`` for a cluster client."""
+    @property
+    def cluster(self) -> Optional[str]:
+        """The cluster's name; ``None`` for a client of one node."""
     def lookup(self, model: str, table: str, keys: KeysLike, *, version: Optional[int] = None) -> Rows:
         """Rows of ``table`` for ``keys``; missing keys follow the table's missing-key policy."""
     def multi_lookup(
@@ -180,13 +216,19 @@ class Client:
         """Removes rows."""
     def push(self, model: str, table: str, keys: KeysLike, gradients: RowsLike) -> WriteAck:
         """Applies gradients with the table's server-side optimizer."""
-    def list_models(self) -> list[ModelInfo]: ...
-    def versions(self, model: str) -> list[VersionInfo]: ...
-    def status(self) -> NodeStatus: ...
-    def rollback(self, model: str, to: int) -> RollbackReport:
-        """Rolls ``model`` back to version ``to``; returns once the node serves it."""
-    def history(self, model: str) -> list[HistoryEvent]: ...
-    def checkpoint(self, model: str) -> CheckpointReport: ...
+    def list_models(self) -> list[ModelInfo]:
+        """The node's models; a cluster client raises :class:`hopps.InvalidArgument`."""
+    def versions(self, model: str) -> list[VersionInfo]:
+        """Versions as the node (for a cluster: a live node placed on ``model``) sees them."""
+    def status(self) -> Union[NodeStatus, ClusterStatus]:
+        """The node's status, or for a cluster client the :class:`ClusterStatus`."""
+    def rollback(self, model: str, to: int, *, timeout: float = 60.0) -> RollbackReport:
+        """Rolls ``model`` back to version ``to``; returns once the node (for a cluster: the
+        whole cluster, within ``timeout`` seconds) serves it."""
+    def history(self, model: str) -> list[HistoryEvent]:
+        """History as the node (for a cluster: a live node placed on ``model``) recorded it."""
+    def checkpoint(self, model: str) -> CheckpointReport:
+        """A checkpoint on the node; a cluster client raises :class:`hopps.InvalidArgument`."""
 
 def publish(
     repo: str,

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hopps_client::ClientOptions;
+use hopps_client::{ClientOptions, ClusterClient, ClusterOptions};
 use numpy::{PyArray1, PyArray2};
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
@@ -46,23 +46,83 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     })
 }
 
-/// A connection to one hopps node.
+/// A connection to one hopps node, or to a cluster of them.
 ///
 /// `Client(addr, *, connect_timeout=5.0, timeout=60.0, max_message_bytes=256 MiB)` connects to
 /// `addr` (`host:port` or `http://host:port`) and raises `hopps.Unavailable` when nothing answers
-/// there. `timeout` is the deadline of each call in seconds (`None`: no deadline). A client is
-/// safe to share between threads; calls release the GIL while they wait for the node.
+/// there. `Client(etcd="h:p,h:p", cluster="name", ...)` reads the cluster's placement from etcd
+/// and sends each key to a ready replica of its shard (retries, hedging, one version per
+/// answer). `timeout` is the deadline of each call in seconds (`None`: no deadline; in cluster
+/// mode the whole fan-out's deadline, retries included). A client is safe to share between
+/// threads; calls release the GIL while they wait.
 #[pyclass(frozen, module = "hopps")]
 pub(crate) struct Client {
-    inner: hopps_client::Client,
+    backend: Backend,
     runtime: Arc<Runtime>,
     /// The process that connected; a forked child must connect again.
     pid: u32,
 }
 
+/// What a [`Client`] talks to.
+enum Backend {
+    // Boxed: the node client is several times the size of the cluster client's handle.
+    Node(Box<hopps_client::Client>),
+    Cluster {
+        client: hopps_client::ClusterClient,
+        etcd: String,
+        cluster: String,
+    },
+}
+
+impl Backend {
+    fn describe(&self) -> String {
+        match self {
+            Backend::Node(client) => format!("hopps.Client({:?})", client.addr()),
+            Backend::Cluster { etcd, cluster, .. } => {
+                format!("hopps.Client(etcd={etcd:?}, cluster={cluster:?})")
+            }
+        }
+    }
+}
+
+/// The deadline of a cluster fan-out when the caller asked for none: long, but a request never
+/// waits forever for a shard that no node will load.
+const CLUSTER_NO_DEADLINE: Duration = Duration::from_secs(3600);
+
 impl Client {
     fn ready(&self) -> Result<(), Failure> {
-        check_same_process(self.pid, &format!("hopps.Client({:?})", self.inner.addr()))
+        check_same_process(self.pid, &self.backend.describe())
+    }
+
+    /// A node of the cluster that is placed on `model` and alive, for calls that ask one node
+    /// (versions, history).
+    async fn node_of(
+        client: &hopps_client::ClusterClient,
+        model: &str,
+    ) -> Result<hopps_client::Client, hopps_client::ClientError> {
+        let state = client.state();
+        let placed = state
+            .placements
+            .get(model)
+            .map(|p| {
+                p.assignment
+                    .iter()
+                    .flatten()
+                    .filter(|n| state.nodes.contains_key(n.as_str()))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let Some(first) = placed.first() else {
+            return Err(hopps_client::ClientError::Status {
+                code: hopps_client::Code::NotFound,
+                message: format!(
+                    "model {model:?} is not placed on any live node of the cluster; publish it \
+                     or check `hopps node list`"
+                ),
+            });
+        };
+        client.node(first).await
     }
 
     /// Runs a call of the Rust client with the GIL released.
@@ -103,10 +163,12 @@ fn owned_rows(
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addr, *, connect_timeout = 5.0, timeout = Some(60.0), max_message_bytes = 256 << 20))]
+    #[pyo3(signature = (addr = None, *, etcd = None, cluster = None, connect_timeout = 5.0, timeout = Some(60.0), max_message_bytes = 256 << 20))]
     fn new(
         py: Python<'_>,
-        addr: &str,
+        addr: Option<&str>,
+        etcd: Option<&str>,
+        cluster: Option<&str>,
         connect_timeout: f64,
         timeout: Option<f64>,
         max_message_bytes: usize,
@@ -117,25 +179,60 @@ impl Client {
             max_message_bytes,
         };
         let (pid, runtime) = runtime()?;
-        let connect = hopps_client::Client::connect_with(addr, &options);
-        let inner = py
-            .detach(|| runtime.block_on(connect))
-            .map_err(Failure::from)?;
+        let backend = match (addr, etcd, cluster) {
+            (Some(addr), None, None) => {
+                let connect = hopps_client::Client::connect_with(addr, &options);
+                Backend::Node(Box::new(
+                    py.detach(|| runtime.block_on(connect))
+                        .map_err(Failure::from)?,
+                ))
+            }
+            (None, Some(etcd), Some(cluster)) => {
+                let mut cluster_options = ClusterOptions {
+                    sync_timeout: options.connect_timeout,
+                    request_timeout: options.request_timeout.unwrap_or(CLUSTER_NO_DEADLINE),
+                    ..ClusterOptions::default()
+                };
+                cluster_options.client.connect_timeout = options.connect_timeout;
+                cluster_options.client.max_message_bytes = max_message_bytes;
+                let connect = ClusterClient::connect_with(etcd, cluster, cluster_options);
+                Backend::Cluster {
+                    client: py
+                        .detach(|| runtime.block_on(connect))
+                        .map_err(Failure::from)?,
+                    etcd: etcd.to_string(),
+                    cluster: cluster.to_string(),
+                }
+            }
+            _ => return Err(client_arguments(addr, etcd, cluster).into()),
+        };
         Ok(Client {
-            inner,
+            backend,
             runtime,
             pid,
         })
     }
 
-    /// The address the client was connected to.
+    /// The address the client was connected to (`None` for a cluster client).
     #[getter]
-    fn addr(&self) -> &str {
-        self.inner.addr()
+    fn addr(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Node(client) => Some(client.addr()),
+            Backend::Cluster { .. } => None,
+        }
+    }
+
+    /// The cluster's name (`None` for a client of one node).
+    #[getter]
+    fn cluster(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Node(_) => None,
+            Backend::Cluster { cluster, .. } => Some(cluster),
+        }
     }
 
     fn __repr__(&self) -> String {
-        format!("hopps.Client({:?})", self.inner.addr())
+        self.backend.describe()
     }
 
     /// Rows of `table` in `model` for `keys` (1-D, uint64 or non-negative integers).
@@ -158,8 +255,15 @@ impl Client {
             table: Some(table),
         };
         let keys = owned_keys(keys, &call)?;
-        let client = &self.inner;
-        let rows = self.wait(py, client.lookup_at(model, table, &keys, version))?;
+        let rows = match &self.backend {
+            Backend::Node(client) => {
+                self.wait(py, client.lookup_at(model, table, &keys, version))?
+            }
+            Backend::Cluster { client, .. } => match version {
+                Some(v) => self.wait(py, client.lookup_at(model, table, &keys, v))?,
+                None => self.wait(py, client.lookup(model, table, &keys))?,
+            },
+        };
         Rows::from_client(py, rows, &call)
     }
 
@@ -199,8 +303,26 @@ impl Client {
             owned.push((name.as_str(), owned_keys(keys, &call)?));
         }
         let request: Vec<(&str, &[u64])> = owned.iter().map(|(t, k)| (*t, k.as_slice())).collect();
-        let client = &self.inner;
-        let answer = self.wait(py, client.multi_lookup(model, &request, version))?;
+        let answer = match (&self.backend, version) {
+            (Backend::Node(client), _) => {
+                self.wait(py, client.multi_lookup(model, &request, version))?
+            }
+            (Backend::Cluster { client, .. }, None) => {
+                self.wait(py, client.multi_lookup(model, &request))?
+            }
+            // Every table pinned to the same version: one version in the answer, as with a node.
+            (Backend::Cluster { client, .. }, Some(v)) => self.wait(py, async {
+                let mut tables = Vec::with_capacity(request.len());
+                for (table, keys) in &request {
+                    let rows = client.lookup_at(model, table, keys, v).await?;
+                    tables.push(hopps_client::TableRows {
+                        table: (*table).to_string(),
+                        rows,
+                    });
+                }
+                Ok(hopps_client::MultiRows { version: v, tables })
+            })?,
+        };
         let out = PyDict::new(py);
         for table in answer.tables {
             let call = Call {
@@ -231,8 +353,12 @@ impl Client {
         };
         let keys = owned_keys(keys, &call)?;
         let values = owned_rows(values, keys.len(), &call, "values")?;
-        let client = &self.inner;
-        let ack = self.wait(py, client.upsert(model, table, &keys, &values))?;
+        let ack = match &self.backend {
+            Backend::Node(client) => self.wait(py, client.upsert(model, table, &keys, &values))?,
+            Backend::Cluster { client, .. } => {
+                self.wait(py, client.upsert(model, table, &keys, &values))?
+            }
+        };
         to_python(py, &ack)
     }
 
@@ -250,8 +376,10 @@ impl Client {
             table: Some(table),
         };
         let keys = owned_keys(keys, &call)?;
-        let client = &self.inner;
-        let ack = self.wait(py, client.delete(model, table, &keys))?;
+        let ack = match &self.backend {
+            Backend::Node(client) => self.wait(py, client.delete(model, table, &keys))?,
+            Backend::Cluster { client, .. } => self.wait(py, client.delete(model, table, &keys))?,
+        };
         to_python(py, &ack)
     }
 
@@ -272,55 +400,115 @@ impl Client {
         };
         let keys = owned_keys(keys, &call)?;
         let gradients = owned_rows(gradients, keys.len(), &call, "gradients")?;
-        let client = &self.inner;
-        let ack = self.wait(py, client.push(model, table, &keys, &gradients))?;
+        let ack = match &self.backend {
+            Backend::Node(client) => self.wait(py, client.push(model, table, &keys, &gradients))?,
+            Backend::Cluster { client, .. } => {
+                self.wait(py, client.push(model, table, &keys, &gradients))?
+            }
+        };
         to_python(py, &ack)
     }
 
-    /// Models the node holds, with their tables: a list of dicts.
+    /// Models the node holds, with their tables: a list of dicts. One node's view: a cluster
+    /// client raises `hopps.InvalidArgument` (use `status()` for the cluster's models).
     fn list_models(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let client = &self.inner;
+        let client = self.single_node("list_models()")?;
         let models = self.wait(py, client.list_models())?;
         to_python(py, &models)
     }
 
-    /// Versions of `model` as the node sees them: a list of dicts with `version`, `kind`,
-    /// `parent`, `rows`, `created`, `source` and `state` ("serving", "committed", ...).
+    /// Versions of `model` as the node sees them (in cluster mode: a live node placed on the
+    /// model): a list of dicts with `version`, `kind`, `parent`, `rows`, `created`, `source` and
+    /// `state` ("serving", "committed", ...).
     fn versions(&self, py: Python<'_>, model: &str) -> PyResult<Py<PyAny>> {
-        let client = &self.inner;
-        let versions = self.wait(py, client.versions(model))?;
+        let versions = match &self.backend {
+            Backend::Node(client) => self.wait(py, client.versions(model))?,
+            Backend::Cluster { client, .. } => self.wait(py, async {
+                Client::node_of(client, model).await?.versions(model).await
+            })?,
+        };
         to_python(py, &versions)
     }
 
     /// The node's status: readiness, memory, and per model the serving and newest versions and
-    /// load progress, as a dict.
+    /// load progress, as a dict. In cluster mode: the cluster's records (`cluster`, `connected`,
+    /// `nodes`, `placements`, `reports`, `serving`, `drains`, `settings`) and `node_status`, each
+    /// live node's status (or the `error` of asking it).
     fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let client = &self.inner;
-        let status = self.wait(py, client.status())?;
-        to_python(py, &status)
+        match &self.backend {
+            Backend::Node(client) => {
+                let status = self.wait(py, client.status())?;
+                to_python(py, &status)
+            }
+            Backend::Cluster { client, .. } => {
+                let status = self.wait(py, client.status())?;
+                to_python(py, &status)
+            }
+        }
     }
 
-    /// Rolls `model` back to version `to`; returns once the node serves it, with
+    /// Rolls `model` back to version `to`; returns once the node (in cluster mode: the whole
+    /// cluster, within `timeout` seconds) serves it, with
     /// `{"model", "from", "to", "method", "seconds"}`.
-    fn rollback(&self, py: Python<'_>, model: &str, to: u64) -> PyResult<Py<PyAny>> {
-        let client = &self.inner;
-        let report = self.wait(py, client.rollback(model, to))?;
+    #[pyo3(signature = (model, to, *, timeout = 60.0))]
+    fn rollback(&self, py: Python<'_>, model: &str, to: u64, timeout: f64) -> PyResult<Py<PyAny>> {
+        let report = match &self.backend {
+            Backend::Node(client) => self.wait(py, client.rollback(model, to))?,
+            Backend::Cluster { client, .. } => {
+                let timeout = seconds(timeout, "timeout")?;
+                self.wait(py, client.rollback(model, to, timeout))?
+            }
+        };
         to_python(py, &report)
     }
 
-    /// What `model` served, and when, oldest first: a list of dicts.
+    /// What `model` served, and when, oldest first (in cluster mode: as a live node placed on
+    /// the model recorded it): a list of dicts.
     fn history(&self, py: Python<'_>, model: &str) -> PyResult<Py<PyAny>> {
-        let client = &self.inner;
-        let events = self.wait(py, client.history(model))?;
+        let events = match &self.backend {
+            Backend::Node(client) => self.wait(py, client.history(model))?,
+            Backend::Cluster { client, .. } => self.wait(py, async {
+                Client::node_of(client, model).await?.history(model).await
+            })?,
+        };
         to_python(py, &events)
     }
 
-    /// Writes a checkpoint of the version the node serves for `model`.
+    /// Writes a checkpoint of the version the node serves for `model`. One node's operation: a
+    /// cluster client raises `hopps.InvalidArgument`.
     fn checkpoint(&self, py: Python<'_>, model: &str) -> PyResult<Py<PyAny>> {
-        let client = &self.inner;
+        let client = self.single_node("checkpoint()")?;
         let report = self.wait(py, client.checkpoint(model))?;
         to_python(py, &report)
     }
+}
+
+impl Client {
+    /// The node client of a call that asks one node, or an error saying how to ask one.
+    fn single_node(&self, call: &str) -> Result<&hopps_client::Client, Failure> {
+        match &self.backend {
+            Backend::Node(client) => Ok(&**client),
+            Backend::Cluster { .. } => Err(Failure::Input(format!(
+                "{call} asks one node, and {} is a cluster client; connect to a node with \
+                 hopps.Client(addr) (their grpc_addr: client.status()[\"nodes\"])",
+                self.backend.describe()
+            ))),
+        }
+    }
+}
+
+/// The error of a `Client(...)` call that names neither a node nor a cluster, or both.
+fn client_arguments(addr: Option<&str>, etcd: Option<&str>, cluster: Option<&str>) -> Failure {
+    let problem = match (addr, etcd, cluster) {
+        (Some(_), _, _) => "addr was given together with etcd/cluster",
+        (None, Some(_), None) => "etcd was given without cluster",
+        (None, None, Some(_)) => "cluster was given without etcd",
+        _ => "neither addr nor etcd and cluster was given",
+    };
+    Failure::Input(format!(
+        "hopps.Client: {problem}; give either addr=\"host:port\" (one node) or \
+         etcd=\"host:port[,host:port]\" and cluster=\"name\" (a cluster), not both"
+    ))
 }
 
 /// Rows of one table: a named pair `(values, found)` plus the `version` they were read at.
@@ -410,16 +598,51 @@ pub(crate) fn rust_lookup_latencies(
         table: Some(table),
     };
     let keys = owned_keys(keys, &call)?;
-    let inner = &client.inner;
+    let backend = &client.backend;
     let latencies = client.wait(py, async {
         let mut latencies = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let start = Instant::now();
-            let rows = inner.lookup(model, table, &keys).await?;
+            let rows = match backend {
+                Backend::Node(c) => c.lookup(model, table, &keys).await?,
+                Backend::Cluster { client: c, .. } => c.lookup(model, table, &keys).await?,
+            };
             latencies.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
             std::hint::black_box(rows);
         }
         Ok(latencies)
     })?;
     Ok(latencies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_names_one_node_or_one_cluster() {
+        for (addr, etcd, cluster, says) in [
+            (
+                Some("h:1"),
+                Some("e:1"),
+                Some("c"),
+                "addr was given together",
+            ),
+            (None, Some("e:1"), None, "etcd was given without cluster"),
+            (None, None, Some("c"), "cluster was given without etcd"),
+            (None, None, None, "neither addr nor etcd"),
+        ] {
+            let failure = client_arguments(addr, etcd, cluster);
+            assert_eq!(
+                crate::error::code_of(&failure),
+                hopps_client::Code::InvalidArgument
+            );
+            let message = failure.to_string();
+            assert!(message.contains(says), "{message}");
+            assert!(
+                message.contains("addr=") && message.contains("cluster="),
+                "{message}"
+            );
+        }
+    }
 }

@@ -2,15 +2,18 @@
 
 The server binary is $HOPPS_BIN, or target/debug/hopps of this checkout (python/test.sh builds
 it). Nothing is mocked: each test publishes into its own temporary repository and talks to its
-own node.
+own node (or, for the cluster tests, its own etcd and nodes).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -137,3 +140,64 @@ def serve(tmp_path: Path, repo: Path):
     yield start
     for node in nodes:
         node.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """A real etcd (the `etcd` binary on PATH, or $HOPPS_TEST_ETCD) on ports the OS chose."""
+
+    def __init__(self, workdir: Path):
+        binary = os.environ.get("HOPPS_TEST_ETCD") or shutil.which("etcd")
+        if not binary:
+            pytest.fail(
+                "the cluster tests need etcd: install it (apt-get install etcd-server) or point "
+                "HOPPS_TEST_ETCD at the binary"
+            )
+        client, peer = free_port(), free_port()
+        self.endpoint = f"127.0.0.1:{client}"
+        self.log_path = workdir / "etcd.log"
+        self._log = open(self.log_path, "wb")
+        client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--name", "test",
+                "--data-dir", str(workdir / "etcd-data"),
+                "--listen-client-urls", client_url,
+                "--advertise-client-urls", client_url,
+                "--listen-peer-urls", peer_url,
+                "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", f"test={peer_url}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        poll("etcd to answer", self._healthy, START_DEADLINE_S)
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"etcd exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+                return json.loads(r.read()).get("health") == "true"
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path):
+    """A real etcd for one test, killed after it."""
+    server = Etcd(tmp_path)
+    yield server
+    server.stop()
