@@ -26,6 +26,8 @@ mod wal;
 mod workload;
 // Checkpoint (.hps) and Parquet loads from a model repository (hopps-format).
 mod checkpoint;
+// Cluster mode: fan-out cost and time to re-replicate, with real etcd and hopps nodes.
+mod cluster;
 
 /// Flags every suite understands.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,9 @@ enum Suite {
     All(all::AllArgs),
     /// Loading a .hps checkpoint into tables against memcpy; Parquet loads of the same rows.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Cluster mode: fan-out cost (3 nodes against one) and time from a node loss to full
+    /// replication, with real etcd.
+    Cluster(cluster::ClusterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Suite::Rollback(args) => rollback::run(&args, options),
         Suite::Wal(args) => wal::run(&args, options),
         Suite::Checkpoint(args) => checkpoint::run(&args, options),
+        Suite::Cluster(args) => cluster::run(&args, options),
         Suite::All(args) => all::run(&args, options),
     }
 }
