@@ -17,6 +17,13 @@
 //! [storage]                     # S3 settings; AWS_* environment variables also work
 //! s3_endpoint = "http://127.0.0.1:9000"
 //! s3_region = "us-east-1"
+//!
+//! [cluster]                     # absent: the embedded single node, no etcd
+//! etcd = "127.0.0.1:2379"       # comma list (or an array) of endpoints
+//! name = "prod"
+//! replicas = 2                  # default replicas per shard (per model: `hopps model replicas`)
+//! lease_ttl = "5s"              # a node silent this long is lost; at least 2s
+//! advertise = "10.0.0.5:7070"   # address clients reach; default: the bound gRPC address
 //! ```
 
 use std::fmt;
@@ -111,6 +118,116 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Repository storage settings.
     pub storage: StorageConfig,
+    /// Cluster membership; `None`: the embedded single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Default replicas per shard in a cluster.
+pub const DEFAULT_REPLICAS: u32 = 2;
+/// Default lease of a node's registration.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// Shortest lease allowed: keepalives go every third of it, and etcd rounds to seconds.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// How a node joins a cluster (the `[cluster]` table; the CLI fills it from `--etcd`,
+/// `--cluster`, `--replicas`, `--lease-ttl`, `--advertise`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd endpoints (`host:port`).
+    #[serde(deserialize_with = "de_endpoints")]
+    pub etcd: Vec<String>,
+    /// The cluster's name: every key lives under `/hopps/<name>/`.
+    pub name: String,
+    /// Replicas per shard when the model has no setting of its own (used by the controller).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// The lease of this node's registration: lost after this long without etcd.
+    #[serde(default = "default_lease_ttl", deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    /// `host:port` clients use to reach this node's gRPC port; default: the bound address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The agent [`crate::engine_config`] made for this node, picked up by [`crate::Server`].
+    #[serde(skip)]
+    pub(crate) agent: crate::cluster::AgentSlot,
+}
+
+fn default_replicas() -> u32 {
+    DEFAULT_REPLICAS
+}
+
+fn default_lease_ttl() -> Duration {
+    DEFAULT_LEASE_TTL
+}
+
+impl ClusterConfig {
+    /// A cluster config with the default replicas, lease and advertised address.
+    pub fn new(etcd: Vec<String>, name: impl Into<String>) -> ClusterConfig {
+        ClusterConfig {
+            etcd,
+            name: name.into(),
+            replicas: DEFAULT_REPLICAS,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            advertise: None,
+            agent: Default::default(),
+        }
+    }
+
+    /// Checks settings that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.etcd.iter().all(|e| e.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                setting: "cluster.etcd",
+                message: "no etcd endpoint; give one or more as host:port[,host:port]".into(),
+            });
+        }
+        hopps_cluster::check_cluster_name(&self.name).map_err(|e| ConfigError::Invalid {
+            setting: "cluster.name",
+            message: e.to_string(),
+        })?;
+        if self.replicas == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "cluster.replicas",
+                message:
+                    "must be at least 1 (2 or more keeps every shard served when a node is lost)"
+                        .into(),
+            });
+        }
+        if self.lease_ttl < MIN_LEASE_TTL {
+            return Err(ConfigError::Invalid {
+                setting: "cluster.lease_ttl",
+                message: format!(
+                    "{:?} is too short; give at least 2s (keepalives go every third of it)",
+                    self.lease_ttl
+                ),
+            });
+        }
+        if let Some(a) = &self.advertise
+            && (a.trim().is_empty() || !a.contains(':'))
+        {
+            return Err(ConfigError::Invalid {
+                setting: "cluster.advertise",
+                message: format!("{a:?} is not host:port; give the address clients reach"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Endpoints are a comma list (as on the command line) or a TOML array.
+fn de_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Endpoints {
+        List(Vec<String>),
+        Text(String),
+    }
+    let text = match Endpoints::deserialize(d)? {
+        Endpoints::List(v) => v.join(","),
+        Endpoints::Text(s) => s,
+    };
+    hopps_cluster::parse_endpoints(&text).map_err(serde::de::Error::custom)
 }
 
 impl Default for ServerConfig {
@@ -132,6 +249,7 @@ impl Default for ServerConfig {
             max_message_bytes: 64 << 20,
             shutdown_grace: Duration::from_secs(10),
             storage: StorageConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -198,6 +316,9 @@ impl ServerConfig {
                 setting: "models",
                 message: "contains an empty model name".into(),
             });
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }
@@ -401,5 +522,56 @@ mod tests {
         assert!(err.to_string().contains("max_keys_per_request"), "{err}");
         let err = ServerConfig::from_toml("wal_sync = \"sometimes\"").expect_err("bad sync");
         assert!(err.to_string().contains("always"), "{err}");
+    }
+
+    #[test]
+    fn cluster_table_parses_and_is_checked() {
+        assert_eq!(ServerConfig::default().cluster, None, "embedded by default");
+        let config = ServerConfig::from_toml(
+            r#"
+            [cluster]
+            etcd = "127.0.0.1:2379, 127.0.0.1:22379"
+            name = "prod"
+            replicas = 3
+            lease_ttl = "2s"
+            advertise = "10.0.0.5:7070"
+            "#,
+        )
+        .expect("valid");
+        let c = config.cluster.expect("cluster");
+        assert_eq!(c.etcd, vec!["127.0.0.1:2379", "127.0.0.1:22379"]);
+        assert_eq!(c.name, "prod");
+        assert_eq!(c.replicas, 3);
+        assert_eq!(c.lease_ttl, Duration::from_secs(2));
+        assert_eq!(c.advertise.as_deref(), Some("10.0.0.5:7070"));
+        let c = ServerConfig::from_toml("[cluster]\netcd = [\"h:1\"]\nname = \"c\"")
+            .expect("defaults")
+            .cluster
+            .expect("cluster");
+        assert_eq!(
+            (c.replicas, c.lease_ttl),
+            (DEFAULT_REPLICAS, DEFAULT_LEASE_TTL)
+        );
+
+        for (toml, needle) in [
+            ("[cluster]\netcd = \" , \"\nname = \"c\"", "etcd"),
+            ("[cluster]\netcd = \"h:1\"\nname = \"a/b\"", "cluster.name"),
+            (
+                "[cluster]\netcd = \"h:1\"\nname = \"c\"\nreplicas = 0",
+                "cluster.replicas",
+            ),
+            (
+                "[cluster]\netcd = \"h:1\"\nname = \"c\"\nlease_ttl = \"500ms\"",
+                "lease_ttl",
+            ),
+            (
+                "[cluster]\netcd = \"h:1\"\nname = \"c\"\nadvertise = \"nowhere\"",
+                "advertise",
+            ),
+            ("[cluster]\nname = \"c\"", "etcd"),
+        ] {
+            let err = ServerConfig::from_toml(toml).expect_err(toml);
+            assert!(err.to_string().contains(needle), "{toml}: {err}");
+        }
     }
 }

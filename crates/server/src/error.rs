@@ -33,6 +33,9 @@ pub enum ServerError {
     /// The Prometheus exporter could not be set up.
     #[error("metrics exporter: {0}")]
     Metrics(String),
+    /// The node cannot join its cluster (its id is taken, the engine has no cluster agent).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// The gRPC code of an engine error kind.

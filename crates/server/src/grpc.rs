@@ -28,6 +28,8 @@ pub(crate) struct Limits {
 /// What both services share.
 pub(crate) struct Node {
     pub engine: Engine,
+    /// The cluster agent in cluster mode; `None` for the embedded single node.
+    pub cluster: Option<Arc<crate::cluster::Agent>>,
     pub limits: Limits,
     pub metrics: RequestMetrics,
     pub started: Instant,
@@ -35,13 +37,29 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// Ready to take traffic: every configured model serves (embedded), or every shard placed
+    /// on this node is held (cluster).
+    pub(crate) fn is_ready(&self) -> bool {
+        match &self.cluster {
+            None => self.engine.is_ready(),
+            Some(agent) => agent.readiness(&self.engine).is_ok(),
+        }
+    }
+
     /// The status reply shared by gRPC `Status` and HTTP `/status`.
     pub(crate) fn status_view(&self) -> StatusView {
         let status = self.engine.status();
         StatusView {
             node_id: status.node_id.clone(),
             version: env!("CARGO_PKG_VERSION"),
-            ready: status.ready,
+            ready: match &self.cluster {
+                None => status.ready,
+                Some(_) => self.is_ready(),
+            },
+            cluster: self.cluster.as_ref().map(|a| ClusterView {
+                name: a.cluster().to_string(),
+                leader: a.is_leader(),
+            }),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             repository: self.repository.clone(),
             memory_limit_bytes: status.memory_limit,
@@ -58,12 +76,23 @@ pub(crate) struct StatusView {
     pub node_id: String,
     pub version: &'static str,
     pub ready: bool,
+    /// The cluster this node is part of; absent for the embedded single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
     pub uptime_seconds: f64,
     pub repository: String,
     pub memory_limit_bytes: Option<u64>,
     pub memory_used_bytes: u64,
     pub wal_bytes: u64,
     pub models: Vec<ModelStatus>,
+}
+
+/// This node's place in its cluster, in `/status`.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct ClusterView {
+    pub name: String,
+    /// True on the node running the placement controller.
+    pub leader: bool,
 }
 
 /// Per-thread buffers of the lookup path, kept between requests.

@@ -39,6 +39,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         }
     }
     crate::metrics::record_status(&status);
+    if state.node.cluster.is_some() {
+        metrics::gauge!("hopps_ready").set(if state.node.is_ready() { 1.0 } else { 0.0 });
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -54,8 +57,22 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// 200 once every configured model serves a version; 503 with the models still missing.
+/// 200 once every configured model serves a version (in a cluster: once every shard placed on
+/// this node is held); 503 with what is still missing.
 async fn readyz(State(state): State<AdminState>) -> Response {
+    if let Some(agent) = &state.node.cluster {
+        return match agent.readiness(&state.node.engine) {
+            Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+            Err(missing) => {
+                let mut body = String::from("not ready\n");
+                for m in missing {
+                    body.push_str(&m);
+                    body.push('\n');
+                }
+                (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+            }
+        };
+    }
     if state.node.engine.is_ready() {
         return (StatusCode::OK, "ready\n").into_response();
     }

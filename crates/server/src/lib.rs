@@ -21,6 +21,7 @@
 //! are converted at the edge (`grpc`); engine errors become gRPC codes in one place (`error`).
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 mod error;
 mod grpc;
@@ -39,7 +40,8 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-pub use config::{ConfigError, ServerConfig, StorageConfig, WalSyncSetting};
+pub use cluster::Agent;
+pub use config::{ClusterConfig, ConfigError, ServerConfig, StorageConfig, WalSyncSetting};
 pub use error::{ServerError, code_label, code_of, status_of};
 pub use metrics::install_exporter;
 
@@ -79,6 +81,10 @@ pub async fn open_repository(config: &ServerConfig) -> Result<Repository, Server
 }
 
 /// The engine configuration a server config asks for.
+///
+/// In cluster mode (`config.cluster` set) this makes the node's cluster [`Agent`] and sets it as
+/// the engine's coordinator; [`Server::new`] picks the same agent up from `config`, so build the
+/// engine from this config and hand the server the same config.
 pub fn engine_config(config: &ServerConfig, repository: Repository) -> EngineConfig {
     let mut engine = EngineConfig::new(repository, config.data_dir.clone());
     engine.models = config.models.clone();
@@ -98,6 +104,11 @@ pub fn engine_config(config: &ServerConfig, repository: Repository) -> EngineCon
     if let Some(node_id) = &config.node_id {
         engine.node_id = node_id.clone();
     }
+    if let Some(cluster) = &config.cluster {
+        let agent = Arc::new(Agent::new(engine.node_id.clone(), &cluster.name));
+        cluster.agent.set(Arc::clone(&agent));
+        engine.coordinator = Some(agent);
+    }
     engine
 }
 
@@ -107,14 +118,29 @@ pub struct Server {
     max_message_bytes: usize,
     shutdown_grace: Duration,
     exporter: metrics_exporter_prometheus::PrometheusHandle,
+    config: ServerConfig,
 }
 
 impl Server {
     /// A server for `engine` with the limits of `config`. Installs the process-wide Prometheus
     /// recorder on first use.
+    ///
+    /// In cluster mode the engine must have been built from [`engine_config`] of this config
+    /// (it carries the node's cluster agent).
     pub fn new(engine: Engine, config: &ServerConfig) -> Result<Server, ServerError> {
         let exporter = install_exporter()?;
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => Some(c.agent.get().ok_or_else(|| {
+                ServerError::Cluster(format!(
+                    "cluster {}: the engine was not built with hopps_server::engine_config of \
+                     this config, so it has no cluster agent; build it that way",
+                    c.name
+                ))
+            })?),
+        };
         let node = Node {
+            cluster,
             engine,
             limits: Limits {
                 max_keys_per_request: config.max_keys_per_request,
@@ -128,6 +154,7 @@ impl Server {
             max_message_bytes: config.max_message_usize(),
             shutdown_grace: config.shutdown_grace,
             exporter,
+            config: config.clone(),
         })
     }
 
@@ -152,7 +179,27 @@ impl Server {
         reporter
             .set_service_status(hopps_proto::HOPPS_SERVICE, ServingStatus::NotServing)
             .await;
-        let readiness = tokio::spawn(track_readiness(engine.clone(), reporter, shutdown.clone()));
+        // In a cluster, join before serving: a node whose id is taken must not start.
+        let cluster = match (&self.node.cluster, &self.config.cluster) {
+            (Some(agent), Some(config)) => Some(
+                cluster::start(
+                    Arc::clone(agent),
+                    engine.clone(),
+                    &self.config,
+                    config,
+                    grpc_addr.clone(),
+                    admin_addr.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let readiness = tokio::spawn(track_readiness(
+            Arc::clone(&self.node),
+            reporter,
+            shutdown.clone(),
+        ));
         let upkeep = metrics::spawn_upkeep(self.exporter.clone());
         let loader = tokio::spawn(load_then_watch(engine.clone(), shutdown.clone()));
 
@@ -203,6 +250,10 @@ impl Server {
         };
         readiness.abort();
         upkeep.abort();
+        if let Some(cluster) = cluster {
+            // Leave the cluster (revoke the lease) so clients stop routing here at once.
+            cluster.finish(grace).await;
+        }
         // The watcher stops on the same signal; give it the grace period to finish an apply.
         if tokio::time::timeout(grace, loader).await.is_err() {
             tracing::warn!("the repository watcher did not stop within the grace period");
@@ -219,7 +270,7 @@ fn local(listener: &TcpListener) -> String {
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).
-async fn signalled(mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn signalled(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
@@ -294,9 +345,10 @@ fn log_loaded(engine: &Engine, started: Instant) {
     );
 }
 
-/// Keeps gRPC health in step with readiness: NOT_SERVING until every configured model serves.
+/// Keeps gRPC health in step with readiness: NOT_SERVING until every configured model serves
+/// (in a cluster: until every shard placed on this node is held).
 async fn track_readiness(
-    engine: Engine,
+    node: Arc<Node>,
     reporter: tonic_health::server::HealthReporter,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -312,7 +364,7 @@ async fn track_readiness(
                 return;
             }
         }
-        let ready = engine.is_ready();
+        let ready = node.is_ready();
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
@@ -323,7 +375,9 @@ async fn track_readiness(
             reporter
                 .set_service_status(hopps_proto::HOPPS_SERVICE, status)
                 .await;
-            if ready {
+            if ready && node.cluster.is_some() {
+                tracing::info!("ready: every shard placed on this node is held");
+            } else if ready {
                 tracing::info!("ready: every configured model is serving");
             }
             last = Some(ready);

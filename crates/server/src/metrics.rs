@@ -245,3 +245,18 @@ pub(crate) fn record_status(status: &NodeStatus) {
         }
     }
 }
+
+/// `hopps_cluster_leader`: 1 while this node runs the placement controller.
+pub(crate) fn cluster_leader(leader: bool) {
+    metrics::gauge!("hopps_cluster_leader").set(if leader { 1.0 } else { 0.0 });
+}
+
+/// `hopps_cluster_placed_shards{model}`: shards of `model` the placement puts on this node.
+pub(crate) fn cluster_placed_shards(model: &str, shards: usize) {
+    metrics::gauge!("hopps_cluster_placed_shards", "model" => model.to_string()).set(shards as f64);
+}
+
+/// `hopps_cluster_etcd_errors_total`: failed etcd requests of membership and the controller.
+pub(crate) fn cluster_etcd_error() {
+    metrics::counter!("hopps_cluster_etcd_errors_total").increment(1);
+}
