@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hopps_client::{Client, ClientOptions, NodeStatus, Rows};
 use hopps_server::ServerConfig;
+use hopps_server::config::ClusterConfig;
 use hopps_server::config::{parse_bytes, parse_duration};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+
+use crate::cluster_cmd::{self, Endpoint, Target};
 
 /// Default address of a server for the client commands.
 const DEFAULT_ADDR: &str = "127.0.0.1:7070";
@@ -87,6 +90,24 @@ struct ServeFlags {
     /// Time allowed to reach the repository (e.g. 10s).
     #[arg(long, env = "HOPPS_STORAGE_TIMEOUT", value_parser = parse_duration)]
     storage_timeout: Option<Duration>,
+    /// Join a cluster coordinated by the etcd at these endpoints (host:port[,host:port]).
+    /// Needs --cluster. Without both, the node serves every shard on its own.
+    #[arg(long, env = "HOPPS_ETCD_ENDPOINTS", value_name = "ENDPOINTS")]
+    etcd: Option<String>,
+    /// Name of the cluster to join (with --etcd).
+    #[arg(long, env = "HOPPS_CLUSTER", value_name = "NAME")]
+    cluster: Option<String>,
+    /// Cluster mode: replicas per shard of models without their own setting. Default: 2.
+    #[arg(long, env = "HOPPS_REPLICAS", value_parser = clap::value_parser!(u32).range(1..))]
+    replicas: Option<u32>,
+    /// Cluster mode: how long the node may be silent before the cluster declares it lost
+    /// (at least 2s). Default: 5s.
+    #[arg(long, env = "HOPPS_LEASE_TTL", value_parser = parse_duration)]
+    lease_ttl: Option<Duration>,
+    /// Cluster mode: the gRPC address clients dial (host:port). Default: the bound --listen
+    /// address.
+    #[arg(long, env = "HOPPS_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Once listening, write {"grpc": ADDR, "admin": ADDR} to this file (for scripts and tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -145,8 +166,65 @@ impl ServeFlags {
         if let Some(v) = self.storage_timeout {
             config.storage.timeout = Some(v);
         }
+        self.apply_cluster(&mut config)?;
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl ServeFlags {
+    /// Fills `config.cluster` from --etcd, --cluster, --replicas, --lease-ttl and --advertise
+    /// (over the config file's `[cluster]` table).
+    fn apply_cluster(&self, config: &mut ServerConfig) -> Result<()> {
+        let cluster_only = [
+            ("--replicas", self.replicas.is_some()),
+            ("--lease-ttl", self.lease_ttl.is_some()),
+            ("--advertise", self.advertise.is_some()),
+        ];
+        if config.cluster.is_none() {
+            match (&self.etcd, &self.cluster) {
+                (Some(etcd), Some(name)) => {
+                    let etcd = hopps_cluster::parse_endpoints(etcd).context("--etcd")?;
+                    config.cluster = Some(ClusterConfig::new(etcd, name.clone()));
+                }
+                (Some(_), None) => bail!(
+                    "--etcd (HOPPS_ETCD_ENDPOINTS) needs --cluster NAME (HOPPS_CLUSTER): give both \
+                     to join a cluster, or neither to serve on this node alone"
+                ),
+                (None, Some(_)) => bail!(
+                    "--cluster (HOPPS_CLUSTER) needs --etcd ENDPOINTS (HOPPS_ETCD_ENDPOINTS): give \
+                     both to join a cluster, or neither to serve on this node alone"
+                ),
+                (None, None) => {
+                    if let Some((flag, _)) = cluster_only.iter().find(|(_, given)| *given) {
+                        bail!(
+                            "{flag} applies to cluster mode only; give --etcd ENDPOINTS and \
+                             --cluster NAME too, or drop it"
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let Some(cluster) = config.cluster.as_mut() else {
+            return Ok(());
+        };
+        if let Some(etcd) = &self.etcd {
+            cluster.etcd = hopps_cluster::parse_endpoints(etcd).context("--etcd")?;
+        }
+        if let Some(name) = &self.cluster {
+            cluster.name = name.clone();
+        }
+        if let Some(r) = self.replicas {
+            cluster.replicas = r;
+        }
+        if let Some(ttl) = self.lease_ttl {
+            cluster.lease_ttl = ttl;
+        }
+        if let Some(addr) = &self.advertise {
+            cluster.advertise = Some(addr.clone());
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +318,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
     announce(grpc_addr, admin_addr, args.ready_file.as_deref())?;
+    if let Some(cluster) = &config.cluster {
+        let node = engine.status().node_id;
+        tracing::info!(cluster = %cluster.name, node = %node, etcd = %cluster.etcd.join(","), "joining the cluster");
+        println!(
+            "cluster {} node {} etcd {}",
+            cluster.name,
+            node,
+            cluster.etcd.join(",")
+        );
+    }
     let (_tx, shutdown) = shutdown_on_signals();
     hopps_server::Server::new(engine, &config)?
         .run(grpc, admin, shutdown)
@@ -282,9 +370,8 @@ fn parse_key(s: &str) -> Result<u64, String> {
 /// `hopps lookup`.
 #[derive(Debug, clap::Args)]
 pub struct LookupArgs {
-    /// Server address (host:port).
-    #[arg(long, env = "HOPPS_ADDR", default_value = DEFAULT_ADDR)]
-    addr: String,
+    #[command(flatten)]
+    target: Target,
     /// Model name.
     #[arg(long)]
     model: String,
@@ -340,10 +427,26 @@ fn lookup_output<'a>(args: &'a LookupArgs, rows: &'a Rows) -> LookupOutput<'a> {
 
 /// `hopps lookup`.
 pub async fn lookup(args: LookupArgs) -> Result<()> {
-    let client = connect(&args.addr).await?;
-    let rows = client
-        .lookup_at(&args.model, &args.table, &args.keys, args.at_version)
-        .await?;
+    let rows = match args.target.endpoint(DEFAULT_ADDR) {
+        Endpoint::Node(addr) => {
+            connect(&addr)
+                .await?
+                .lookup_at(&args.model, &args.table, &args.keys, args.at_version)
+                .await?
+        }
+        Endpoint::Cluster { etcd, cluster } => {
+            let client = cluster_cmd::connect(&etcd, &cluster).await?;
+            // The cluster pins its serving version; --at-version pins another one.
+            match args.at_version {
+                Some(v) => {
+                    client
+                        .lookup_at(&args.model, &args.table, &args.keys, v)
+                        .await?
+                }
+                None => client.lookup(&args.model, &args.table, &args.keys).await?,
+            }
+        }
+    };
     let out = lookup_output(&args, &rows);
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
@@ -386,15 +489,14 @@ fn format_values(values: &[f32]) -> String {
 /// `hopps status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// Server address (host:port).
-    #[arg(long, env = "HOPPS_ADDR", default_value = DEFAULT_ADDR)]
-    addr: String,
+    #[command(flatten)]
+    target: Target,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
@@ -409,7 +511,7 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-fn opt(v: Option<u64>) -> String {
+pub(crate) fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
@@ -548,7 +650,13 @@ pub(crate) fn print_status(status: &NodeStatus) {
 
 /// `hopps status`.
 pub async fn status(args: StatusArgs) -> Result<()> {
-    let client = connect(&args.addr).await?;
+    let addr = match args.target.endpoint(DEFAULT_ADDR) {
+        Endpoint::Node(addr) => addr,
+        Endpoint::Cluster { etcd, cluster } => {
+            return cluster_cmd::cluster_status(&etcd, &cluster, args.json).await;
+        }
+    };
+    let client = connect(&addr).await?;
     let status = client.status().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -597,15 +705,17 @@ pub async fn versions(addr: &str, model: &str, json: bool) -> Result<()> {
 /// `hopps model rollback`.
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
-    /// Server address (host:port).
-    #[arg(long, env = "HOPPS_ADDR", default_value = DEFAULT_ADDR)]
-    addr: String,
+    #[command(flatten)]
+    target: Target,
     /// Model name.
     #[arg(long)]
     model: String,
     /// The earlier version to serve.
     #[arg(long)]
     to: u64,
+    /// With --etcd: how long to wait for the cluster to serve the version (e.g. 60s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -613,7 +723,21 @@ pub struct RollbackArgs {
 
 /// `hopps model rollback`.
 pub async fn rollback(args: RollbackArgs) -> Result<()> {
-    let client = connect(&args.addr).await?;
+    let addr = match args.target.endpoint(DEFAULT_ADDR) {
+        Endpoint::Node(addr) => addr,
+        Endpoint::Cluster { etcd, cluster } => {
+            return cluster_cmd::cluster_rollback(
+                &etcd,
+                &cluster,
+                &args.model,
+                args.to,
+                args.timeout,
+                args.json,
+            )
+            .await;
+        }
+    };
+    let client = connect(&addr).await?;
     let report = client.rollback(&args.model, args.to).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -1039,6 +1163,68 @@ mod tests {
             .subcommand(CheckpointArgs::augment_args(Command::new("checkpoint")))
             .subcommand(BenchLookupArgs::augment_args(Command::new("bench")));
         cli.debug_assert();
+    }
+
+    fn serve_flags(args: &[&str]) -> ServeFlags {
+        use clap::{Args, FromArgMatches};
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+        let matches = cmd
+            .try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))
+            .expect("serve flags parse");
+        *ServeArgs::from_arg_matches(&matches)
+            .expect("serve args")
+            .flags
+    }
+
+    fn cluster_of(args: &[&str]) -> Result<Option<ClusterConfig>> {
+        let mut config = ServerConfig::default();
+        serve_flags(args).apply_cluster(&mut config)?;
+        Ok(config.cluster)
+    }
+
+    #[test]
+    fn serve_joins_a_cluster_only_with_etcd_and_cluster() {
+        assert!(cluster_of(&[]).expect("embedded").is_none());
+        let c = cluster_of(&[
+            "--etcd",
+            "127.0.0.1:2379, 127.0.0.1:2380",
+            "--cluster",
+            "prod",
+            "--replicas",
+            "3",
+            "--lease-ttl",
+            "2s",
+            "--advertise",
+            "10.0.0.1:7070",
+        ])
+        .expect("cluster flags")
+        .expect("cluster mode");
+        assert_eq!(c.etcd, ["127.0.0.1:2379", "127.0.0.1:2380"]);
+        assert_eq!(c.name, "prod");
+        assert_eq!(c.replicas, 3);
+        assert_eq!(c.lease_ttl, Duration::from_secs(2));
+        assert_eq!(c.advertise.as_deref(), Some("10.0.0.1:7070"));
+        // Defaults of what is not given.
+        let c = cluster_of(&["--etcd", "e:1", "--cluster", "c"])
+            .expect("cluster flags")
+            .expect("cluster mode");
+        assert_eq!(c.replicas, hopps_server::config::DEFAULT_REPLICAS);
+        assert_eq!(c.advertise, None);
+
+        for (args, names) in [
+            (&["--etcd", "e:1"][..], ["--etcd", "--cluster"]),
+            (&["--cluster", "c"][..], ["--cluster", "--etcd"]),
+            (&["--replicas", "2"][..], ["--replicas", "--etcd"]),
+            (&["--advertise", "h:1"][..], ["--advertise", "--cluster"]),
+        ] {
+            let err = format!("{:#}", cluster_of(args).expect_err("incomplete"));
+            assert!(names.iter().all(|n| err.contains(n)), "{args:?}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            cluster_of(&["--etcd", " , ", "--cluster", "c"]).unwrap_err()
+        );
+        assert!(err.contains("--etcd") && err.contains("endpoint"), "{err}");
     }
 
     #[test]
