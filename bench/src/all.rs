@@ -1,11 +1,15 @@
 //! `all`: every suite with its default sizes (or its small ones with `--quick`), one after the
 //! other, in one process: `hopps-bench all --quick --json` is what CI runs to prove the harness
 //! works end to end.
+//!
+//! The `cluster` suite runs here only with `--quick` (about 10 s in a debug build): its full
+//! form loads a million rows into seven nodes and times several failovers, so it runs on its
+//! own (`hopps-bench cluster`).
 
 use clap::{Args, Command, FromArgMatches};
 
 use crate::servers::{Sides, SystemArgs, runtime};
-use crate::{load, lookup, memory, rollback, table, wal};
+use crate::{cluster, load, lookup, memory, rollback, table, wal};
 
 /// Flags of `all`: those every side-by-side suite shares; each suite keeps its defaults.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,7 +37,15 @@ pub fn run(args: &AllArgs, options: crate::Options) -> anyhow::Result<()> {
     rt.block_on(memory::suite(&sides, &defaults("memory")?))?;
     rt.block_on(load::suite(&sides, &defaults("load")?))?;
     rt.block_on(rollback::suite(&sides, &defaults("rollback")?))?;
-    rt.block_on(wal::suite(&sides, &defaults("wal")?))
+    rt.block_on(wal::suite(&sides, &defaults("wal")?))?;
+    if options.quick {
+        rt.block_on(cluster::suite(
+            &sides.hopps_bin,
+            &defaults("cluster")?,
+            options,
+        ))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -50,5 +62,7 @@ mod tests {
         defaults::<load::LoadArgs>("load").expect("load");
         defaults::<rollback::RollbackArgs>("rollback").expect("rollback");
         defaults::<table::TableArgs>("table").expect("table");
+        let c: cluster::ClusterArgs = defaults("cluster").expect("cluster");
+        assert!(c.rows.is_none() && c.batch == 1000 && c.lease_ttl == "2s");
     }
 }
