@@ -8,6 +8,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! In cluster mode, [`ClusterClient`] finds the nodes through etcd and routes each key to a
+//! ready replica of its shard, all at the version the cluster serves:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), hopps_client::ClientError> {
+//! let cluster = hopps_client::ClusterClient::connect("127.0.0.1:2379", "prod").await?;
+//! let rows = cluster.lookup("ctr", "user", &[1, 2, 3]).await?;
+//! println!("served at version {}: {:?}", rows.version, cluster.stats());
+//! # Ok(()) }
+//! ```
+//!
 //! API boundary: callers see only this crate's types ([`Rows`], [`NodeStatus`], ...); the wire
 //! types of `hopps-proto` are converted here. The Python binding and the C ABI wrap this crate,
 //! so every error carries the gRPC code and the server's message ([`ClientError::code`]).
