@@ -481,6 +481,12 @@ async fn a_node_answering_another_version_is_never_merged() {
     // Pinned explicitly to 6, both answer 6.
     let rows = client.lookup_at(MODEL, "user", &ks, 6).await.unwrap();
     check_rows(&rows, &ks, 6);
+    // A version no replica can read fails as the nodes would: FAILED_PRECONDITION, naming it.
+    let start = Instant::now();
+    let err = client.lookup_at(MODEL, "user", &ks, 4).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("cannot read version 4"), "{err}");
+    assert!(start.elapsed() >= ClusterOptions::default().request_timeout);
 }
 
 #[tokio::test]

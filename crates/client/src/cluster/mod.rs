@@ -1127,6 +1127,7 @@ impl ClusterClient {
             .and_then(|p| p.assignment.get(shard as usize))
             .cloned()
             .unwrap_or_default();
+        let mut version_missing = false;
         let reasons: Vec<String> = placed
             .iter()
             .map(|n| {
@@ -1148,6 +1149,7 @@ impl ClusterClient {
                 }
                 match pin {
                     Some(v) if !r.readable.contains(&v) => {
+                        version_missing = true;
                         format!("{n} cannot read version {v} (readable: {:?})", r.readable)
                     }
                     _ => format!("{n} is ready"),
@@ -1170,9 +1172,10 @@ impl ClusterClient {
             )
         };
         // A node's own answer tells more than "unavailable" (e.g. a version it cannot read).
-        let code = if tried
-            .iter()
-            .any(|(_, e)| e.starts_with("FAILED_PRECONDITION"))
+        let code = if version_missing
+            || tried
+                .iter()
+                .any(|(_, e)| e.starts_with("FAILED_PRECONDITION"))
         {
             Code::FailedPrecondition
         } else {
