@@ -1,7 +1,7 @@
 //! Cluster mode with a real etcd and several in-process nodes (each its own engine, server,
 //! data directory and OS-chosen 127.0.0.1 ports, all on one model repository): placement,
-//! leadership, the two-phase version switch, re-replication after a crash, drain, and a
-//! duplicate node id.
+//! leadership, the two-phase version switch, drain and undrain make-before-break, re-replication
+//! after a crash, and a duplicate node id.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -285,8 +285,42 @@ fn spawn_serving_checker(
     (violations, task)
 }
 
+/// Every state the mirror shows must have, for each shard, at least one alive replica that
+/// holds it at the serving version.
+fn spawn_availability_checker(
+    mirror: &Mirror,
+) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let gaps = Arc::new(Mutex::new(Vec::new()));
+    let found = Arc::clone(&gaps);
+    let mut rx = mirror.subscribe();
+    let task = tokio::spawn(async move {
+        loop {
+            {
+                let state = rx.borrow_and_update().clone();
+                let version = state.serving_version(MODEL);
+                for s in 0..SHARDS {
+                    if state.replicas(MODEL, s, version).is_empty() {
+                        found.lock().unwrap().push(format!(
+                            "shard {s} at revision {}: placed on {:?}",
+                            state.revision,
+                            state
+                                .placements
+                                .get(MODEL)
+                                .map(|p| p.assignment[s as usize].clone())
+                        ));
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    (gaps, task)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_nodes_place_switch_versions_and_re_replicate_after_a_crash() {
+async fn three_nodes_place_switch_drain_and_re_replicate_after_a_crash() {
     let fx = Fixture::new("three").await;
     publish(&fx.repo, 1).await;
     let (violations, checker) = spawn_serving_checker(&fx.mirror);
@@ -360,6 +394,57 @@ async fn three_nodes_place_switch_versions_and_re_replicate_after_a_crash() {
     assert_eq!(rows.version, 2);
     assert_eq!(rows.values, rows_of(2, &keys));
 
+    // From here on, every state of the cluster must keep each shard readable somewhere at the
+    // serving version: drains, joins and crashes move replicas make-before-break.
+    let (gaps, availability) = spawn_availability_checker(&fx.mirror);
+
+    // Drain a node that is not the leader: its replicas load elsewhere first, then the drain is
+    // released and the node holds nothing.
+    let drained = nodes
+        .iter()
+        .find(|n| !n.is_leader())
+        .expect("a follower")
+        .id
+        .clone();
+    let keys_of = Keys::new(&fx.cluster);
+    let mut etcd = hopps_cluster::connect(&[fx.etcd.endpoint()])
+        .await
+        .expect("etcd");
+    etcd.put(
+        keys_of.drain(&drained),
+        encode(&Drain {
+            node: drained.clone(),
+            requested: String::new(),
+            released: false,
+        }),
+        None,
+    )
+    .await
+    .expect("drain");
+    wait_until("drain released", Duration::from_secs(60), || async {
+        fx.state().drains.get(&drained).is_some_and(|d| d.released)
+    })
+    .await;
+    let s = fx.state();
+    assert!(s.placements[MODEL].shards_of(&drained).is_empty());
+    assert!(fully_replicated(&s, 2, &[drained.as_str()]));
+    let rows = client.lookup(MODEL, "t", &keys).await.expect("lookup");
+    assert_eq!(rows.values, rows_of(2, &keys));
+
+    // Undrain: the node is eligible again and shards move back onto it.
+    etcd.delete(keys_of.drain(&drained), None)
+        .await
+        .expect("undrain");
+    wait_until(
+        "shards back on the undrained node",
+        Duration::from_secs(60),
+        || async {
+            let s = fx.state();
+            fully_replicated(&s, 2, &[]) && !s.placements[MODEL].shards_of(&drained).is_empty()
+        },
+    )
+    .await;
+
     // Crash the leader (tasks gone, lease not revoked): after the lease TTL its replicas move
     // to the survivors, one of which takes over the controller.
     let leader = nodes.iter().position(Node::is_leader).expect("a leader");
@@ -394,35 +479,9 @@ async fn three_nodes_place_switch_versions_and_re_replicate_after_a_crash() {
     let rows = client.lookup(MODEL, "t", &keys).await.expect("lookup");
     assert_eq!(rows.values, rows_of(2, &keys));
 
-    // Drain one survivor: with one eligible node left, R is capped at 1; the drained node's
-    // replicas leave only once the other holds every shard, then the drain is released.
-    let drained = nodes[0].id.clone();
-    let keys_of = Keys::new(&fx.cluster);
-    let mut etcd = hopps_cluster::connect(&[fx.etcd.endpoint()])
-        .await
-        .expect("etcd");
-    etcd.put(
-        keys_of.drain(&drained),
-        encode(&Drain {
-            node: drained.clone(),
-            requested: String::new(),
-            released: false,
-        }),
-        None,
-    )
-    .await
-    .expect("drain");
-    wait_until("drain released", Duration::from_secs(60), || async {
-        let s = fx.state();
-        s.drains.get(&drained).is_some_and(|d| d.released)
-    })
-    .await;
-    let s = fx.state();
-    assert!(s.placements[MODEL].shards_of(&drained).is_empty());
-    assert!(fully_replicated(&s, 1, &[drained.as_str()]));
-    let rows = client.lookup(MODEL, "t", &keys).await.expect("lookup");
-    assert_eq!(rows.values, rows_of(2, &keys));
-
+    availability.abort();
+    let seen = gaps.lock().unwrap().clone();
+    assert!(seen.is_empty(), "shards with no ready replica: {seen:?}");
     checker.abort();
     let seen = violations.lock().unwrap().clone();
     assert!(
