@@ -524,3 +524,78 @@ async fn a_node_id_held_by_a_live_node_is_refused() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_keep_serving_while_etcd_is_down_and_rejoin_after() {
+    let mut fx = Fixture::new("restart").await;
+    publish(&fx.repo, 1).await;
+    let nodes = vec![fx.start("a").await, fx.start("b").await];
+    wait_until(
+        "2 held replicas per shard",
+        Duration::from_secs(60),
+        || async { fully_replicated(&fx.state(), 2, &[]) },
+    )
+    .await;
+    let state = fx.state();
+    let grpc: Vec<String> = nodes
+        .iter()
+        .map(|n| state.nodes[&n.id].grpc_addr.clone())
+        .collect();
+    let keys: Vec<u64> = (0..KEYS).step_by(3).collect();
+
+    // etcd gone for longer than the lease TTL: every node keeps the placement it has and keeps
+    // answering lookups of its shards the whole time.
+    fx.etcd.kill();
+    let mut clients = Vec::new();
+    for addr in &grpc {
+        clients.push(hopps_client::Client::connect(addr).await.expect("connect"));
+    }
+    let outage = Instant::now();
+    let mut rounds = 0;
+    while outage.elapsed() < Duration::from_secs(3) {
+        for client in &clients {
+            let rows = client
+                .lookup(MODEL, "t", &keys)
+                .await
+                .expect("lookup without etcd");
+            assert_eq!(rows.values, rows_of(1, &keys));
+        }
+        assert!(
+            nodes.iter().all(Node::ready),
+            "readiness survives an etcd outage"
+        );
+        rounds += 1;
+    }
+    assert!(rounds > 1);
+
+    // etcd back: the nodes are still registered (same leases), a leader leads again and a new
+    // version goes through the two-phase switch.
+    fx.etcd.restart().await;
+    wait_until("mirror reconnected", Duration::from_secs(30), || async {
+        let s = fx.state();
+        s.connected && s.nodes.len() == 2
+    })
+    .await;
+    wait_until(
+        "one leader after the restart",
+        Duration::from_secs(30),
+        || async { nodes.iter().filter(|n| n.is_leader()).count() == 1 },
+    )
+    .await;
+    publish(&fx.repo, 2).await;
+    wait_until(
+        "version 2 served after the restart",
+        Duration::from_secs(60),
+        || async {
+            let s = fx.state();
+            s.serving_version(MODEL) == Some(2)
+                && nodes
+                    .iter()
+                    .all(|n| s.report(MODEL, &n.id).is_some_and(|r| r.serving == Some(2)))
+        },
+    )
+    .await;
+    for n in nodes {
+        n.shut_down().await;
+    }
+}
