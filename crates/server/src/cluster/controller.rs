@@ -37,6 +37,7 @@ pub(crate) async fn run(ctx: Arc<NodeContext>) {
     let mut lease_rx = ctx.lease.subscribe();
     let stop = crate::signalled(ctx.shutdown.clone());
     tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(200);
     loop {
         let lease = tokio::select! {
             l = lease_rx.wait_for(|l| l.is_some()) => match l {
@@ -53,14 +54,24 @@ pub(crate) async fn run(ctx: Arc<NodeContext>) {
             crate::metrics::cluster_leader(false);
             tracing::info!(node = %ctx.agent.id(), "no longer the placement controller");
         }
-        if let Err(e) = outcome {
-            etcd_error(
-                "placement controller: etcd request failed; campaigning again",
-                &e,
-            );
-        }
+        // Retries while etcd is away back off to 2 s, so an outage does not flood the log.
+        let wait = match outcome {
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                backoff
+            }
+            Err(e) => {
+                etcd_error(
+                    "placement controller: etcd request failed; campaigning again",
+                    &e,
+                );
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                wait
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = tokio::time::sleep(wait) => {}
             () = &mut stop => return,
         }
     }

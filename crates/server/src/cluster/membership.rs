@@ -46,7 +46,7 @@ pub(crate) async fn run(ctx: Arc<NodeContext>, first: oneshot::Sender<Result<(),
     tokio::pin!(stop);
     loop {
         let wait = tokio::select! {
-            end = session(&ctx, &mut lease, &mut first) => match end {
+            end = session(&ctx, &mut lease, &mut first, &mut backoff) => match end {
                 Ok(()) => return,
                 Err(End::Duplicate(message)) => {
                     if let Some(f) = first.take() {
@@ -81,6 +81,7 @@ async fn session(
     ctx: &NodeContext,
     lease: &mut Option<i64>,
     first: &mut Option<oneshot::Sender<Result<(), String>>>,
+    backoff: &mut Duration,
 ) -> Result<(), End> {
     let mut client = hopps_cluster::connect(&ctx.config.etcd)
         .await
@@ -106,6 +107,7 @@ async fn session(
     if let Some(f) = first.take() {
         let _ = f.send(Ok(()));
     }
+    *backoff = Duration::from_millis(100);
     tracing::info!(node = %ctx.agent.id(), lease = id, grpc = %record.grpc_addr, "node registered");
 
     let mut published: BTreeMap<String, ModelReport> = BTreeMap::new();
