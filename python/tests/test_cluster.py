@@ -14,6 +14,7 @@ MODEL = "ctr"
 CLUSTER = "pytest"
 SHARDS = 4
 REPLICAS = 2
+STABLE_S = 2.5
 
 
 def cluster_args(etcd, node_id: str) -> tuple:
@@ -27,7 +28,8 @@ def cluster_args(etcd, node_id: str) -> tuple:
 
 
 def fully_replicated(client: hopps.Client, alive: set) -> bool:
-    """Every shard has REPLICAS replicas on live nodes of `alive` that report it held."""
+    """Settled: every shard is placed on exactly REPLICAS nodes of `alive`, and every node holds
+    exactly the shards placed on it (no move in progress, no shard left over from one)."""
     status = client.status()
     if set(status["nodes"]) != alive:
         return False
@@ -35,11 +37,37 @@ def fully_replicated(client: hopps.Client, alive: set) -> bool:
     reports = status["reports"].get(MODEL, {})
     if placement is None or len(placement["assignment"]) != SHARDS:
         return False
-    for shard, nodes in enumerate(placement["assignment"]):
-        holding = [n for n in nodes if n in alive and shard in reports.get(n, {}).get("held", [])]
-        if len(holding) < REPLICAS:
+    if any(len(nodes) != REPLICAS or not set(nodes) <= alive for nodes in placement["assignment"]):
+        return False
+    for node in alive:
+        placed = [s for s, nodes in enumerate(placement["assignment"]) if node in nodes]
+        if reports.get(node, {}).get("held") != placed:
+            return False
+    # The nodes' own status agrees with their reports (a node that just dropped shards may
+    # report them gone a moment before its tables are).
+    for entry in status["node_status"]:
+        models = {m["name"]: m for m in entry.get("status", {}).get("models", [])}
+        report = reports.get(entry["id"], {})
+        if models.get(MODEL, {}).get("rows", 0) != report.get("rows", 0):
             return False
     return True
+
+
+def settled(client: hopps.Client, alive: set, what: str) -> None:
+    """Waits until `fully_replicated` holds at one placement epoch for STABLE_S: the controller
+    re-plans at least every second, so a node that just registered gets its shards by then."""
+    since = {}
+
+    def check():
+        if not fully_replicated(client, alive):
+            since.clear()
+            return False
+        epoch = client.status()["placements"][MODEL]["epoch"]
+        if since.get("epoch") != epoch:
+            since.update(epoch=epoch, at=time.monotonic())
+        return time.monotonic() - since["at"] >= STABLE_S
+
+    poll(what, check, 60.0, every_s=0.1)
 
 
 @pytest.fixture
@@ -50,7 +78,7 @@ def cluster(repo, serve, etcd):
     hopps.publish_tables(str(repo), MODEL, {"user": (keys, values)}, shards=SHARDS)
     nodes = {f"n{i}": serve(*cluster_args(etcd, f"n{i}")) for i in range(3)}
     client = hopps.Client(etcd=etcd.endpoint, cluster=CLUSTER, timeout=10.0)
-    poll("three nodes with every shard on two of them", lambda: fully_replicated(client, set(nodes)), 60.0)
+    settled(client, set(nodes), "three nodes with every shard on two of them")
     poll("the cluster to serve version 1", lambda: client.status()["serving"].get(MODEL, {}).get("version") == 1, 30.0)
     return client, nodes, keys, values
 
@@ -94,12 +122,15 @@ def test_cluster_writes_reach_every_replica(cluster):
     np.testing.assert_array_equal(got.values, rows)
     # Every node holding the key's shard has the row; the others do not hold the shard.
     holders = 0
-    for node in nodes.values():
+    for node_id, node in nodes.items():
         try:
             answer = node.client.lookup(MODEL, "user", new_keys[:1])
         except hopps.FailedPrecondition:
             continue
-        assert answer.found[0], f"node {node.addr} holds the shard but not the written row"
+        assert answer.found[0], (
+            f"node {node_id} answers for the key's shard but lacks the written row; "
+            f"ack {ack}; cluster {client.status()}"
+        )
         np.testing.assert_array_equal(answer.values[0], rows[0])
         holders += 1
     assert holders >= REPLICAS

@@ -579,7 +579,10 @@ pub async fn node_drain(args: NodeDrainArgs) -> Result<()> {
             .get(id)
             .map(|d| d.requested.clone())
             .unwrap_or_default();
-        eprintln!("node {id} already has a drain request (since {current}); waiting for it");
+        eprintln!(
+            "node {id} already has a drain request (since {current}){}",
+            if args.no_wait { "" } else { "; waiting for its release" }
+        );
         current
     };
     let start = Instant::now();
