@@ -581,7 +581,11 @@ pub async fn node_drain(args: NodeDrainArgs) -> Result<()> {
             .unwrap_or_default();
         eprintln!(
             "node {id} already has a drain request (since {current}){}",
-            if args.no_wait { "" } else { "; waiting for its release" }
+            if args.no_wait {
+                ""
+            } else {
+                "; waiting for its release"
+            }
         );
         current
     };
