@@ -181,8 +181,12 @@ impl ServeFlags {
             ("--lease-ttl", self.lease_ttl.is_some()),
             ("--advertise", self.advertise.is_some()),
         ];
+        // An empty value (a deployment's `HOPPS_ETCD_ENDPOINTS=`) means "not set": the
+        // embedded default.
+        let etcd = self.etcd.as_ref().filter(|s| !s.trim().is_empty());
+        let name = self.cluster.as_ref().filter(|s| !s.trim().is_empty());
         if config.cluster.is_none() {
-            match (&self.etcd, &self.cluster) {
+            match (etcd, name) {
                 (Some(etcd), Some(name)) => {
                     let etcd = hopps_cluster::parse_endpoints(etcd).context("--etcd")?;
                     config.cluster = Some(ClusterConfig::new(etcd, name.clone()));
@@ -209,10 +213,10 @@ impl ServeFlags {
         let Some(cluster) = config.cluster.as_mut() else {
             return Ok(());
         };
-        if let Some(etcd) = &self.etcd {
+        if let Some(etcd) = etcd {
             cluster.etcd = hopps_cluster::parse_endpoints(etcd).context("--etcd")?;
         }
-        if let Some(name) = &self.cluster {
+        if let Some(name) = name {
             cluster.name = name.clone();
         }
         if let Some(r) = self.replicas {
@@ -1185,6 +1189,12 @@ mod tests {
     #[test]
     fn serve_joins_a_cluster_only_with_etcd_and_cluster() {
         assert!(cluster_of(&[]).expect("embedded").is_none());
+        // A deployment's empty HOPPS_ETCD_ENDPOINTS= / HOPPS_CLUSTER= mean the embedded default.
+        assert!(
+            cluster_of(&["--etcd", "", "--cluster", ""])
+                .expect("empty is unset")
+                .is_none()
+        );
         let c = cluster_of(&[
             "--etcd",
             "127.0.0.1:2379, 127.0.0.1:2380",
