@@ -204,6 +204,26 @@ SECTIONS = [
              "table", "none", 8, [(f"hopps_build_info{{{NODE}}}", "")], {"instant": True}),
         ],
     ),
+    (
+        "Cluster",
+        [
+            ("Controller", "1 on the node that runs the placement controller (cluster mode). "
+             "Exactly one node should show 1; none for longer than a lease TTL means no node can "
+             "reach etcd.",
+             "timeseries", "none", 8, [(f"hopps_cluster_leader{{{NODE}}}", "{{instance}}")],
+             {"max": 1, "min": 0}),
+            ("Shards placed per node", "Shards of each model the placement puts on each node "
+             "(cluster mode). Moves after a node joins, leaves or drains show here.",
+             "timeseries", "none", 8,
+             [(f"hopps_cluster_placed_shards{{{MODEL}}}", "{{model}} {{instance}}")],
+             {"decimals": 0}),
+            ("etcd errors/s", "Failed etcd requests of each node's membership and controller. "
+             "Nodes keep serving while etcd is away; placement and version switches wait.",
+             "timeseries", "reqps", 8,
+             [(f"sum by (instance) (rate(hopps_cluster_etcd_errors_total{{{NODE}}}{RATE}))",
+               "{{instance}}")], {}),
+        ],
+    ),
 ]
 
 
