@@ -125,6 +125,14 @@ enum Target {
 }
 
 impl Target {
+    /// The cluster client's counters (`None` for a plain node).
+    fn stats(&self) -> Option<hopps_client::ClusterStats> {
+        match self {
+            Target::Node(_) => None,
+            Target::Cluster(c) => Some(c.stats()),
+        }
+    }
+
     async fn lookup(&self, keys: &[u64]) -> anyhow::Result<hopps_client::Rows> {
         Ok(match self {
             Target::Node(c) => c.lookup(MODEL, crate::dataset::TABLE, keys).await?,
@@ -567,6 +575,7 @@ pub async fn suite(
     for (t, s) in targets.iter().zip(&sides) {
         round(t, &work, args.concurrency, s.name).await?;
     }
+    let stats_before: Vec<_> = targets.iter().map(Target::stats).collect();
     for r in 0..rounds {
         for (t, s) in targets.iter().zip(sides.iter_mut()) {
             let (keys, elapsed, lat) = round(t, &work, args.concurrency, s.name).await?;
@@ -579,7 +588,8 @@ pub async fn suite(
         Spread::of(&sides[0].p50_us),
         Spread::of(&sides[0].p99_us),
     ];
-    for s in &sides {
+    let measured = (rounds * work.count()) as f64;
+    for ((s, t), before) in sides.iter().zip(&targets).zip(&stats_before) {
         let mut rec = Record::new("cluster");
         rec.set("measure", "fanout")
             .set("side", s.name)
@@ -601,6 +611,13 @@ pub async fn suite(
             .ratio("keys_per_s_vs_one_node", kps, base[0])
             .ratio("p50_vs_one_node", p50, base[1])
             .ratio("p99_vs_one_node", p99, base[2]);
+        // How the cluster client spent the requests: RPCs per request (the fan-out), and the
+        // hedges and retries among them.
+        if let (Some(b), Some(a)) = (before, t.stats()) {
+            rec.num("rpcs_per_request", (a.rpcs - b.rpcs) as f64 / measured)
+                .set("hedges", a.hedges - b.hedges)
+                .set("retries", a.retries - b.retries);
+        }
         report.emit(&rec);
     }
     drop(targets);
