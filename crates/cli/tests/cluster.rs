@@ -1362,3 +1362,91 @@ fn cli_reads_and_changes_the_cluster() {
         drop(c);
     });
 }
+
+/// The row check the load relies on: it accepts exactly the rows of the response's version and
+/// names a row of another version (a mixed response) or of the wrong key.
+#[test]
+fn the_row_check_catches_mixed_versions_and_wrong_rows() {
+    let keys = [5, 17, ROWS - 1];
+    let good = Rows {
+        version: 2,
+        dim: DIM,
+        values: rows_of(2, &keys),
+        found: vec![true; 3],
+    };
+    assert_eq!(check_rows(&keys, &good), Ok(()));
+
+    let mut mixed = good.clone();
+    mixed.values[DIM as usize..2 * DIM as usize].copy_from_slice(&rows_of(3, &[17]));
+    let err = check_rows(&keys, &mixed).unwrap_err();
+    assert!(
+        err.contains("key 17") && err.contains("version 3's row"),
+        "{err}"
+    );
+
+    let mut swapped = good.clone();
+    swapped.values[..DIM as usize].copy_from_slice(&rows_of(2, &[6]));
+    assert!(check_rows(&keys, &swapped).is_err());
+
+    let mut missing = good.clone();
+    missing.found[2] = false;
+    assert!(check_rows(&keys, &missing).is_err());
+
+    let short = Rows {
+        found: vec![true; 2],
+        values: rows_of(2, &keys[..2]),
+        ..good
+    };
+    assert!(check_rows(&keys, &short).is_err());
+}
+
+/// The partition test's proxy forwards bytes, and once cut closes open connections and every
+/// new one; restored, it forwards again.
+#[test]
+fn the_proxy_forwards_until_cut() {
+    runtime().block_on(async {
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let target = echo.local_addr().expect("echo address").to_string();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = echo.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let proxy = Proxy::start(target).await;
+        async fn round_trip(addr: &str) -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect(addr).await?;
+            s.write_all(b"ping").await?;
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await?;
+            Ok(buf.to_vec())
+        }
+        assert_eq!(round_trip(&proxy.addr).await.expect("forwarded"), b"ping");
+
+        let mut open = TcpStream::connect(&proxy.addr).await.expect("connect");
+        open.write_all(b"x").await.expect("write");
+        let mut one = [0u8; 1];
+        open.read_exact(&mut one)
+            .await
+            .expect("echo before the cut");
+        proxy.cut();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest))
+            .await
+            .expect("the open connection is closed at the cut");
+        assert!(read.is_err() || rest.is_empty(), "{read:?} {rest:?}");
+        assert!(
+            round_trip(&proxy.addr).await.is_err(),
+            "new connections fail while cut"
+        );
+
+        proxy.restore();
+        assert_eq!(round_trip(&proxy.addr).await.expect("restored"), b"ping");
+        server.abort();
+    });
+}
