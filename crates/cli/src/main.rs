@@ -107,6 +107,15 @@ struct VersionsArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that print and exit end quietly when their reader goes away (`hopps status |
+    // head`), as Unix tools do, instead of panicking on the write. Commands that serve keep
+    // Rust's default (SIGPIPE ignored): a peer closing a socket is an error to handle there.
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Demo(_) | Command::Bench { .. }
+    ) {
+        sigpipe::reset();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
