@@ -546,7 +546,16 @@ impl Engine {
         if want.as_deref() == view.held.as_deref() {
             return Ok(());
         }
-        let serving = view.default;
+        // A node that held nothing of the model (new, or drained and placed again) builds at the
+        // version the cluster serves, not at what it loaded while holding nothing (which may be
+        // newer, and then no client could use it until the cluster switched).
+        let holds_nothing = view.held.as_deref().is_some_and(|h| h.list().is_empty());
+        let serving = self
+            .coordinator()
+            .filter(|_| holds_nothing)
+            .and_then(|c| c.ceiling(&m.name))
+            .filter(|c| lineage.position(*c).is_some())
+            .unwrap_or(view.default);
         let Some(pos) = lineage.position(serving) else {
             // Serving a version off the chain (a newer full version started a new one): the
             // switch to it builds for the new placement.
@@ -579,7 +588,7 @@ impl Engine {
         held: Option<Arc<ShardSet>>,
     ) -> Result<()> {
         let started = Instant::now();
-        let serving = view.default;
+        let serving = lineage.chain[pos].version;
         let wal = m.wal.get().ok_or_else(|| {
             EngineError::internal(format!(
                 "model {} serves without a write-ahead log; restart the node",

@@ -131,13 +131,26 @@ impl Server {
         let exporter = install_exporter()?;
         let cluster = match &config.cluster {
             None => None,
-            Some(c) => Some(c.agent.get().ok_or_else(|| {
-                ServerError::Cluster(format!(
-                    "cluster {}: the engine was not built with hopps_server::engine_config of \
-                     this config, so it has no cluster agent; build it that way",
-                    c.name
-                ))
-            })?),
+            Some(c) => {
+                let agent = c.agent.get().ok_or_else(|| {
+                    ServerError::Cluster(format!(
+                        "cluster {}: the engine was not built with hopps_server::engine_config \
+                         of this config, so it has no cluster agent; build it that way",
+                        c.name
+                    ))
+                })?;
+                // The node id is part of etcd keys: an empty or odd one would make the node
+                // invisible to the cluster.
+                hopps_cluster::check_cluster_name(agent.id()).map_err(|_| {
+                    ServerError::Cluster(format!(
+                        "node id {:?} cannot name a node of cluster {}; give --node-id (or \
+                         HOSTNAME) of 1-64 letters, digits, '-', '_' or '.'",
+                        agent.id(),
+                        c.name
+                    ))
+                })?;
+                Some(agent)
+            }
         };
         let node = Node {
             cluster,
@@ -201,7 +214,11 @@ impl Server {
             shutdown.clone(),
         ));
         let upkeep = metrics::spawn_upkeep(self.exporter.clone());
-        let loader = tokio::spawn(load_then_watch(engine.clone(), shutdown.clone()));
+        let loader = tokio::spawn(load_then_watch(
+            engine.clone(),
+            self.node.cluster.clone(),
+            shutdown.clone(),
+        ));
 
         let hopps = HoppsServer::new(HoppsService::new(Arc::clone(&self.node)))
             .max_decoding_message_size(limit)
@@ -275,7 +292,21 @@ pub(crate) async fn signalled(mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Loads every configured model, then runs the repository watcher until shutdown.
-async fn load_then_watch(engine: Engine, shutdown: watch::Receiver<bool>) {
+async fn load_then_watch(
+    engine: Engine,
+    agent: Option<Arc<Agent>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    if let Some(agent) = agent {
+        // In a cluster the first load needs the placement (which shards) and the serving
+        // version (how far): a load before the node read them would load nothing, or a version
+        // the cluster does not serve yet.
+        tracing::info!("waiting for the cluster's placement before loading");
+        agent.synced(shutdown.clone()).await;
+        if *shutdown.borrow() {
+            return;
+        }
+    }
     let started = Instant::now();
     tracing::info!("loading models");
     let load = engine.load();

@@ -128,10 +128,23 @@ pub(crate) fn merge(lens: &[usize], answers: &[Answer]) -> Result<Vec<Rows>, Str
             return Err(format!("node {} sent no rows for table #{t}", first.node));
         };
         let d = dim as usize;
+        // What the nodes sent bounds what is allocated: a node answering a wrong (huge) dim
+        // gets an error, not an allocation of its choosing.
+        let sent: usize = answers
+            .iter()
+            .filter_map(|a| a.rows.get(t))
+            .map(|r| r.values.len())
+            .sum();
+        let Some(total) = len.checked_mul(d).filter(|&n| n <= sent) else {
+            return Err(format!(
+                "node {} answered rows of dim {dim} for {len} keys, but the answers hold {sent}                  values",
+                first.node
+            ));
+        };
         let mut rows = Rows {
             version,
             dim,
-            values: vec![0.0; len * d],
+            values: vec![0.0; total],
             found: vec![false; len],
         };
         for a in answers {
@@ -185,6 +198,26 @@ mod tests {
             values: keys.iter().flat_map(|&k| [k as f32, -(k as f32)]).collect(),
             found: keys.iter().map(|k| k % 3 != 0).collect(),
         }
+    }
+
+    #[test]
+    fn a_huge_dim_from_a_node_is_an_error_not_an_allocation() {
+        let keys: Vec<u64> = (0..4).collect();
+        let split = Split::new(&[&keys], 1);
+        let parts = split.parts.values().next().expect("one shard").clone();
+        let answer = Answer {
+            node: "bad".into(),
+            version: 1,
+            parts,
+            rows: vec![Rows {
+                version: 1,
+                dim: u32::MAX,
+                values: vec![0.0; 8],
+                found: vec![true; 4],
+            }],
+        };
+        let err = merge(&[keys.len()], &[answer]).expect_err("rejected");
+        assert!(err.contains("bad") && err.contains("dim"), "{err}");
     }
 
     #[test]

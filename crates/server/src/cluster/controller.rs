@@ -88,11 +88,11 @@ async fn campaign_and_lead(
     let election = ctx.agent.keys.election();
     // A campaign waits while another node leads; the client's request timeout cuts that wait
     // into rounds, and the same lease makes every round the same candidacy.
-    let leader = loop {
+    let (leader, elected_at) = loop {
         tokio::select! {
             r = client.campaign(election.clone(), ctx.agent.id().to_string(), lease) => match r {
                 Ok(resp) => match resp.leader() {
-                    Some(l) => break l.clone(),
+                    Some(l) => break (l.clone(), resp.header().map_or(0, |h| h.revision())),
                     None => return Err("the election answered without a leader key".into()),
                 },
                 Err(etcd_client::Error::GRpcStatus(s))
@@ -116,7 +116,9 @@ async fn campaign_and_lead(
         repo: None,
         models: BTreeMap::new(),
         models_read: None,
-        seen_revision: 0,
+        // The previous leader's last writes are older than the election: decide nothing on a
+        // mirror that has not seen them.
+        seen_revision: elected_at,
     };
     controller.lead(lease_rx).await
 }

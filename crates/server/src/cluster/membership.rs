@@ -243,6 +243,12 @@ async fn register(client: &mut Client, ctx: &NodeContext, lease: i64) -> Result<
                 d
             }
         };
+        // Our own lease must outlive the wait (the session's keepalive starts only after
+        // registering).
+        if let Ok((_keeper, mut stream)) = client.lease_keep_alive(lease).await {
+            // Opening the stream sends one keepalive; its answer says it arrived.
+            let _ = stream.message().await;
+        }
         if Instant::now() > deadline {
             let other = decode::<NodeRecord>(&key, kv.value())
                 .map(|r| r.grpc_addr)

@@ -34,9 +34,12 @@ use tokio::task::JoinHandle;
 use crate::config::{ClusterConfig, ServerConfig};
 use crate::error::ServerError;
 
-/// How long a staged version waits for the cluster to record it as serving before the engine
-/// drops it (and stages it again on a later pass if still wanted).
-const STAGE_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a staged version waits for the cluster to record it as serving when nothing else
+/// happens, before the engine drops it (and stages it again on a later pass if still wanted).
+/// Long on purpose: the other nodes may still be building a large full version, and dropping a
+/// staged full version means building it again. A change of this node's placement or of the
+/// cluster's serving version ends the wait at once.
+const STAGE_PATIENCE: Duration = Duration::from_secs(600);
 
 /// The node agent: what the cluster tells this node's engine.
 pub struct Agent {
@@ -87,6 +90,16 @@ impl Agent {
     /// The newest cluster state this node has seen.
     pub fn state(&self) -> Arc<ClusterState> {
         self.state.borrow().clone()
+    }
+
+    /// Waits until the node has read the cluster from etcd once (placements and serving
+    /// versions are known), or `shutdown` turns true.
+    pub(crate) async fn synced(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut rx = self.state.subscribe();
+        tokio::select! {
+            _ = rx.wait_for(|s| s.synced) => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
     }
 
     /// Shards of each model placed on this node.
@@ -158,17 +171,42 @@ impl Coordinator for Agent {
     ) -> Pin<Box<dyn Future<Output = Gate> + Send + 'static>> {
         let mut rx = self.state.subscribe();
         let model = model.to_string();
+        let id = self.id.clone();
+        // The wait holds the model's version lock in the engine, so it must also end when the
+        // node has other work for the model: a new placement (shards to load or drop, e.g.
+        // after another node died) or a serving switch to some other version (a rollback
+        // decided meanwhile). The engine then drops the staged version, follows the change, and
+        // stages again if the version is still wanted.
+        let (placed_then, serving_then) = {
+            let s = rx.borrow();
+            (placed_on(&s, &model, &id), s.serving_version(&model))
+        };
         Box::pin(async move {
-            let wait = rx.wait_for(|s| s.serving_version(&model) == Some(version));
+            let wait = rx.wait_for(|s| {
+                let serving = s.serving_version(&model);
+                serving == Some(version)
+                    || serving != serving_then
+                    || placed_on(s, &model, &id) != placed_then
+            });
             match tokio::time::timeout(STAGE_PATIENCE, wait).await {
-                Ok(Ok(_)) => Gate::Go,
-                _ => {
-                    tracing::info!(model = %model, version, "the cluster did not switch to the staged version within 60 s; dropping it for now");
+                Ok(Ok(s)) if s.serving_version(&model) == Some(version) => Gate::Go,
+                Ok(Ok(_)) => {
+                    tracing::info!(model = %model, version, "placement or serving version changed while a version was staged; dropping it to follow the change");
+                    Gate::Abandon
+                }
+                Ok(Err(_)) => Gate::Abandon,
+                Err(_) => {
+                    tracing::info!(model = %model, version, seconds = STAGE_PATIENCE.as_secs(), "the cluster did not switch to the staged version; dropping it for now");
                     Gate::Abandon
                 }
             }
         })
     }
+}
+
+/// The shards of `model` the placement puts on `node` (`None`: the model is not placed).
+fn placed_on(state: &ClusterState, model: &str, node: &str) -> Option<Vec<u32>> {
+    state.placements.get(model).map(|p| p.shards_of(node))
 }
 
 /// Where [`crate::engine_config`] leaves the agent it made for [`crate::Server`] to find.

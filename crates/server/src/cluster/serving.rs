@@ -1,6 +1,8 @@
 //! The controller's rule for a model's serving version (the second phase of a switch).
 //!
-//! Let S be the alive nodes placed on the model whose report is not "loading", avail(n) their
+//! Let S be the alive nodes placed on the model that serve part of it (their report is not
+//! "loading", and they hold shards and can read a version: a node whose first load failed
+//! serves nothing a client could be sent to, so it does not hold the cluster back), avail(n) their
 //! readable versions plus the staged one, and I the versions every node of S has available.
 //! - No serving record yet: commit max(I).
 //! - A node of S staged a version t other than the current one and t is in I: commit t (forward
@@ -26,7 +28,7 @@ pub(crate) fn decide(state: &ClusterState, model: &str) -> Option<u64> {
     let members: Vec<&ModelReport> = placed
         .into_iter()
         .filter_map(|n| state.report(model, n))
-        .filter(|r| r.state != "loading")
+        .filter(|r| r.state != "loading" && !r.held.is_empty() && !r.readable.is_empty())
         .collect();
     rule(state.serving_version(model), &members)
 }
@@ -121,5 +123,53 @@ mod tests {
         // Someone still serves 3: keep it.
         let c = report(&[3, 4], None);
         assert_eq!(rule(Some(3), &[&a, &c]), None);
+    }
+
+    #[test]
+    fn a_node_that_serves_nothing_does_not_hold_the_cluster_back() {
+        let mut state = ClusterState::default();
+        state.placements.insert(
+            "m".into(),
+            hopps_cluster::Placement {
+                model: "m".into(),
+                shards: 2,
+                replicas: 2,
+                epoch: 1,
+                assignment: vec![vec!["a".into(), "b".into()], vec!["a".into(), "b".into()]],
+            },
+        );
+        for id in ["a", "b"] {
+            state.nodes.insert(
+                id.into(),
+                hopps_cluster::NodeRecord {
+                    id: id.into(),
+                    grpc_addr: format!("{id}:1"),
+                    admin_addr: String::new(),
+                    memory_limit_bytes: 0,
+                    memory_used_bytes: 0,
+                    healthy: true,
+                    started_unix: 0.0,
+                    build: String::new(),
+                },
+            );
+        }
+        let a = ModelReport {
+            node: "a".into(),
+            held: vec![0, 1],
+            ..report(&[1], None)
+        };
+        // b's first load failed: no shard held, nothing readable.
+        let b = ModelReport {
+            node: "b".into(),
+            held: vec![],
+            readable: vec![],
+            serving: None,
+            state: "failed".into(),
+            ..report(&[], None)
+        };
+        let reports = state.reports.entry("m".into()).or_default();
+        reports.insert("a".into(), a);
+        reports.insert("b".into(), b);
+        assert_eq!(decide(&state, "m"), Some(1));
     }
 }
