@@ -330,11 +330,23 @@ async fn three_nodes_place_switch_drain_and_re_replicate_after_a_crash() {
         fx.start("n3").await,
     ];
 
-    // Every shard gets two replicas holding it, and version 1 becomes the serving version.
+    // Every shard gets two replicas holding it, and version 1 becomes the serving version; a
+    // node that held more shards earlier (placed while it was alone) has dropped them.
     wait_until(
-        "8 shards x 2 held replicas",
+        "8 shards x 2 held replicas, each node holding exactly its placed shards",
         Duration::from_secs(60),
-        || async { fully_replicated(&fx.state(), 2, &[]) },
+        || async {
+            let state = fx.state();
+            fully_replicated(&state, 2, &[])
+                && nodes.iter().all(|n| {
+                    state
+                        .reports
+                        .get(MODEL)
+                        .and_then(|r| r.get(&n.id))
+                        .map(|r| &r.held)
+                        == Some(&state.placements[MODEL].shards_of(&n.id))
+                })
+        },
     )
     .await;
     let state = fx.state();

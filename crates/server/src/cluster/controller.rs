@@ -48,7 +48,13 @@ pub(crate) async fn run(ctx: Arc<NodeContext>) {
         };
         let outcome = tokio::select! {
             r = campaign_and_lead(&ctx, lease, &mut lease_rx) => r,
-            () = &mut stop => Ok(()),
+            () = &mut stop => {
+                // `stop` has completed: return rather than poll it again in the next round.
+                if ctx.agent.leader.swap(false, Ordering::Relaxed) {
+                    crate::metrics::cluster_leader(false);
+                }
+                return;
+            }
         };
         if ctx.agent.leader.swap(false, Ordering::Relaxed) {
             crate::metrics::cluster_leader(false);
