@@ -1008,6 +1008,7 @@ mod tests {
             state: "serving".into(),
             error: None,
             memory_bytes: 0,
+            table_bytes: 0,
             rows: 0,
         }
     }

@@ -274,6 +274,7 @@ impl Cluster {
             state: "serving".into(),
             error: None,
             memory_bytes: 0,
+            table_bytes: 0,
             rows: 0,
         };
         self.put(self.keys.report(MODEL, id), encode(&report)).await;

@@ -90,8 +90,12 @@ pub struct ModelReport {
     pub state: String,
     #[serde(default)]
     pub error: Option<String>,
+    /// Tables, staged rows and undo records of the model on the node.
     #[serde(default)]
     pub memory_bytes: u64,
+    /// The held shards' tables alone: what the placement plans with.
+    #[serde(default)]
+    pub table_bytes: u64,
     #[serde(default)]
     pub rows: u64,
 }

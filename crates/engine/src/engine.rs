@@ -1731,6 +1731,7 @@ fn model_report(m: &Model) -> ModelReport {
         state: if view.is_some() { "serving" } else { rt.state }.to_string(),
         loading: rt.loading_shards.clone(),
         memory_bytes: m.memory_bytes(),
+        table_bytes: m.table_bytes(),
         rows,
         error: rt.last_error.clone(),
     }

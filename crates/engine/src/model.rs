@@ -119,13 +119,18 @@ impl Model {
 
     /// Bytes of the base tables, staged rows and undo records.
     pub(crate) fn memory_bytes(&self) -> u64 {
-        let tables = self
-            .view
+        self.table_bytes()
+            + self.undo_bytes.load(Ordering::Relaxed)
+            + self.stage_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the held shards' tables alone (no stage, no undo records).
+    pub(crate) fn table_bytes(&self) -> u64 {
+        self.view
             .load()
             .as_ref()
             .map(|v| v.tables.held_bytes(v.held.as_deref()))
-            .unwrap_or(0);
-        tables + self.undo_bytes.load(Ordering::Relaxed) + self.stage_bytes.load(Ordering::Relaxed)
+            .unwrap_or(0)
     }
 
     pub(crate) fn fail(&self, version: Option<u64>, message: String) {

@@ -160,7 +160,10 @@ pub struct ModelReport {
     pub state: String,
     /// Shards being loaded (a re-load for a new shard set), sorted.
     pub loading: Vec<u32>,
+    /// Tables, staged rows and undo records.
     pub memory_bytes: u64,
+    /// The held shards' tables alone: what a replica of them costs on another node.
+    pub table_bytes: u64,
     pub rows: u64,
     pub error: Option<String>,
 }

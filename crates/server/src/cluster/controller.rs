@@ -331,6 +331,8 @@ impl Controller<'_> {
 }
 
 /// Memory of one replica of one shard of `model`, from the nodes' reports (0 before any).
+/// Tables only: staged versions and undo records come and go with switches, and counting them
+/// would move shards back and forth around every switch.
 fn shard_bytes(state: &ClusterState, model: &str) -> u64 {
     state
         .reports
@@ -338,7 +340,15 @@ fn shard_bytes(state: &ClusterState, model: &str) -> u64 {
         .into_iter()
         .flat_map(|r| r.values())
         .filter(|r| !r.held.is_empty())
-        .map(|r| r.memory_bytes / r.held.len() as u64)
+        .map(|r| {
+            // Reports of nodes older than the `table_bytes` field carry only the total.
+            let bytes = if r.table_bytes > 0 {
+                r.table_bytes
+            } else {
+                r.memory_bytes
+            };
+            bytes / r.held.len() as u64
+        })
         .max()
         .unwrap_or(0)
 }

@@ -298,6 +298,7 @@ fn reports(ctx: &NodeContext) -> BTreeMap<String, ModelReport> {
                     state: r.state,
                     error: r.error,
                     memory_bytes: r.memory_bytes,
+                    table_bytes: r.table_bytes,
                     rows: r.rows,
                 },
             )
