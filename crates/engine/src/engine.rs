@@ -208,6 +208,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Every record of `model`'s write-ahead log, read off the async workers (it is file I/O).
+    async fn read_wal(&self, model: &str) -> Result<Vec<wal::WalRecord>> {
+        let dir = self.wal_dir(model);
+        tokio::task::spawn_blocking(move || wal::read_all(&dir))
+            .await
+            .map_err(|e| {
+                EngineError::internal(format!("reading the write-ahead log of model {model}: {e}"))
+            })?
+    }
+
     fn wal_dir(&self, model: &str) -> std::path::PathBuf {
         self.inner.config.data_dir.join("wal").join(model)
     }
@@ -287,7 +297,7 @@ impl Engine {
             EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
         })?;
         let records = match m.wal.get() {
-            Some(_) => wal::read_all(&self.wal_dir(&m.name))?,
+            Some(_) => self.read_wal(&m.name).await?,
             None => {
                 let (w, records) = Wal::open(&self.wal_dir(&m.name), self.inner.config.wal_sync)?;
                 let _ = m.wal.set(w);
@@ -602,7 +612,9 @@ impl Engine {
         // below replays what came after, under the write lock, so none is lost or applied twice.
         let seen = wal.last_sequence();
         wal.wait_durable(seen).await?;
-        let records: Vec<_> = wal::read_all(&self.wal_dir(&m.name))?
+        let records: Vec<_> = self
+            .read_wal(&m.name)
+            .await?
             .into_iter()
             .filter(|r| r.seq <= seen)
             .collect();
@@ -629,7 +641,9 @@ impl Engine {
         let last = wal.last_sequence();
         if last > seen {
             wal.wait_durable(last).await?;
-            let late: Vec<_> = wal::read_all(&self.wal_dir(&m.name))?
+            let late: Vec<_> = self
+                .read_wal(&m.name)
+                .await?
                 .into_iter()
                 .filter(|r| r.seq > seen && r.seq <= last)
                 .collect();
@@ -1055,7 +1069,7 @@ impl Engine {
         let checkpoints = self.repo().checkpoints(&m.name).await.map_err(|e| {
             EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
         })?;
-        let records = wal::read_all(&self.wal_dir(&m.name))?;
+        let records = self.read_wal(&m.name).await?;
         let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
             .map(|(c, _)| c.clone())
             .unwrap_or_else(|| lineage.chain[0].clone());
