@@ -222,6 +222,15 @@ SECTIONS = [
              "timeseries", "reqps", 8,
              [(f"sum by (instance) (rate(hopps_cluster_etcd_errors_total{{{NODE}}}{RATE}))",
                "{{instance}}")], {}),
+            ("Shard replicas missing", "Shards with fewer ready replicas than the placement asks "
+             "for, and shards with none (lookups of their keys fail), per model; counted by the "
+             "controller's node. Under-replication for seconds after a node joins, leaves or "
+             "drains is normal. Alerts: HoppsShardsUnavailable, HoppsShardsUnderReplicated.",
+             "timeseries", "none", 24,
+             [(f"max by (model) (hopps_cluster_shards_under_replicated{{{MODEL}}})",
+               "under-replicated {{model}}"),
+              (f"max by (model) (hopps_cluster_shards_unavailable{{{MODEL}}})",
+               "unavailable {{model}}")], {"decimals": 0, "min": 0}),
         ],
     ),
 ]

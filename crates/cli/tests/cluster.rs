@@ -849,6 +849,26 @@ fn kill_9_of_one_node_fails_no_lookup_and_re_replicates() {
         );
         let new_leader = c.leader_among(&survivors).await;
         assert_ne!(new_leader, victim);
+        // The new controller's shard-health gauges (what the alerts read) settle at zero.
+        let admin = c.node(&new_leader).admin.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, body) = http_get(&admin, "/metrics").await;
+            let gauges = [
+                "hopps_cluster_shards_under_replicated",
+                "hopps_cluster_shards_unavailable",
+            ]
+            .map(|g| metric_sum(&body, g, &[("model", MODEL)]));
+            if gauges == [Some(0.0), Some(0.0)] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{new_leader} should export zero under-replicated and unavailable shards once \
+                 re-replicated; it exports {gauges:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         load.wait_ok(&c, 100, 30).await;
         load.stop()

@@ -256,6 +256,16 @@ pub(crate) fn cluster_placed_shards(model: &str, shards: usize) {
     metrics::gauge!("hopps_cluster_placed_shards", "model" => model.to_string()).set(shards as f64);
 }
 
+/// `hopps_cluster_shards_under_replicated{model}` / `hopps_cluster_shards_unavailable{model}`:
+/// shards with fewer ready replicas than the placement asks for / with none. Exported by the
+/// controller's node (0 on the others and once it stops leading).
+pub(crate) fn cluster_shard_health(model: &str, under_replicated: usize, unavailable: usize) {
+    metrics::gauge!("hopps_cluster_shards_under_replicated", "model" => model.to_string())
+        .set(under_replicated as f64);
+    metrics::gauge!("hopps_cluster_shards_unavailable", "model" => model.to_string())
+        .set(unavailable as f64);
+}
+
 /// `hopps_cluster_etcd_errors_total`: failed etcd requests of membership and the controller.
 pub(crate) fn cluster_etcd_error() {
     metrics::counter!("hopps_cluster_etcd_errors_total").increment(1);

@@ -125,6 +125,7 @@ async fn campaign_and_lead(
         // The previous leader's last writes are older than the election: decide nothing on a
         // mirror that has not seen them.
         seen_revision: elected_at,
+        gauged: BTreeSet::new(),
     };
     controller.lead(lease_rx).await
 }
@@ -140,6 +141,17 @@ struct Controller<'a> {
     models_read: Option<Instant>,
     /// The revision of the controller's last write: passes wait until the mirror has it.
     seen_revision: i64,
+    /// Models whose shard-health gauges this node exports (reset when it stops leading).
+    gauged: BTreeSet<String>,
+}
+
+impl Drop for Controller<'_> {
+    fn drop(&mut self) {
+        // Only the controller's node reports shard health; a former one must not keep alerting.
+        for model in &self.gauged {
+            crate::metrics::cluster_shard_health(model, 0, 0);
+        }
+    }
 }
 
 impl Controller<'_> {
@@ -164,6 +176,7 @@ impl Controller<'_> {
             if !state.synced || !state.connected || state.revision < self.seen_revision {
                 continue;
             }
+            self.export_shard_health(&state);
             if self.models_read.is_none_or(|t| t.elapsed() >= MODELS_EVERY) {
                 self.read_models().await;
             }
@@ -248,6 +261,31 @@ impl Controller<'_> {
     }
 
     /// One pass: the etcd operations that bring the cluster where it should be.
+    /// Sets the shard-health gauges: per model, shards with fewer ready replicas (alive, shard
+    /// held, serving version readable) than the placement asks for, capped at the nodes that
+    /// can take one, and shards with none.
+    fn export_shard_health(&mut self, state: &ClusterState) {
+        let eligible = state
+            .nodes
+            .values()
+            .filter(|n| n.healthy && !state.drains.contains_key(&n.id))
+            .count();
+        for (model, p) in &state.placements {
+            let want = (p.replicas as usize).min(eligible).max(1);
+            let serving = state.serving_version(model);
+            let (mut under, mut unavailable) = (0, 0);
+            for shard in 0..p.shards {
+                match state.replicas(model, shard, serving).len() {
+                    0 => unavailable += 1,
+                    n if n < want => under += 1,
+                    _ => {}
+                }
+            }
+            crate::metrics::cluster_shard_health(model, under, unavailable);
+            self.gauged.insert(model.clone());
+        }
+    }
+
     fn pass(&self, state: &ClusterState) -> Vec<TxnOp> {
         let keys = &self.ctx.agent.keys;
         let mut ops = Vec::new();
