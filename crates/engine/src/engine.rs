@@ -19,7 +19,7 @@ use crate::loader::{
 use crate::model::{Model, UndoEntry, UndoLog, capture_undo, compose_undo, merge};
 use crate::report::*;
 use crate::rows::TableShape;
-use crate::view::{RowSet, Shape, ShardSet, Source, Tables, View, holds, not_held};
+use crate::view::{RowSet, RowsOut, Shape, ShardSet, Source, Tables, View, holds, not_held};
 use crate::wal::{self, Wal, WalOp};
 use hopps_format::shard_of;
 
@@ -1287,6 +1287,38 @@ impl Engine {
         out: &mut [f32],
         found: &mut [bool],
     ) -> Result<u64> {
+        self.lookup_into(model, table, keys, version, RowsOut::Floats(out), found)
+    }
+
+    /// Like [`Engine::lookup`], but appends the rows to `out` as packed little-endian f32 (the
+    /// wire format: `keys.len() * dim * 4` bytes), without a float buffer in between: an f32
+    /// row is copied from the table once. For servers that send the rows on as bytes.
+    pub fn lookup_packed(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+        version: Option<u64>,
+        out: &mut Vec<u8>,
+        found: &mut [bool],
+    ) -> Result<u64> {
+        let start = out.len();
+        let result = self.lookup_into(model, table, keys, version, RowsOut::Packed(out), found);
+        if result.is_err() {
+            out.truncate(start);
+        }
+        result
+    }
+
+    fn lookup_into(
+        &self,
+        model: &str,
+        table: &str,
+        keys: &[u64],
+        version: Option<u64>,
+        out: RowsOut<'_>,
+        found: &mut [bool],
+    ) -> Result<u64> {
         // Borrowed, not cloned: no shared reference count is touched per request.
         let models = self.inner.models.load();
         let m = models.get(model).ok_or_else(|| self.unknown_model(model))?;
@@ -1321,7 +1353,7 @@ impl Engine {
         let (v, base, overlay) = view.resolve(version)?;
         for tl in tables.iter_mut() {
             let t = view.shape.table_index(tl.table)?;
-            view.read(base, overlay, t, tl.keys, tl.out, tl.found)?;
+            view.read(base, overlay, t, tl.keys, RowsOut::Floats(tl.out), tl.found)?;
         }
         Ok(v)
     }

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use hopps_format::{MissingPolicy, shard_of};
-use hopps_table::Table;
+use hopps_table::{Dtype, Table};
 
 use crate::error::{EngineError, Result};
 use crate::rows::TableShape;
@@ -220,6 +220,14 @@ pub(crate) enum Source {
     Tables(Arc<Tables>),
 }
 
+/// Where [`View::read`] puts the rows it reads.
+pub(crate) enum RowsOut<'a> {
+    /// Decoded floats, `keys.len() * dim`, in request order.
+    Floats(&'a mut [f32]),
+    /// Appended as packed little-endian f32 (the wire format), `keys.len() * dim * 4` bytes.
+    Packed(&'a mut Vec<u8>),
+}
+
 /// One immutable state of a model for readers.
 pub(crate) struct View {
     pub shape: Arc<Shape>,
@@ -295,12 +303,16 @@ impl View {
         overlay: Option<&RowSet>,
         t: usize,
         keys: &[u64],
-        out: &mut [f32],
+        mut out: RowsOut<'_>,
         found: &mut [bool],
     ) -> Result<()> {
         let shape = &self.shape.tables[t];
         let dim = shape.dim;
-        if out.len() != keys.len() * dim || found.len() != keys.len() {
+        let floats_ok = match &out {
+            RowsOut::Floats(out) => out.len() == keys.len() * dim,
+            RowsOut::Packed(_) => true,
+        };
+        if !floats_ok || found.len() != keys.len() {
             return Err(EngineError::invalid(format!(
                 "model {} table {}: {} keys need an output of {} floats (dim {dim}) and {} found \
                  flags, got {} and {}",
@@ -309,7 +321,10 @@ impl View {
                 keys.len(),
                 keys.len() * dim,
                 keys.len(),
-                out.len(),
+                match &out {
+                    RowsOut::Floats(out) => out.len(),
+                    RowsOut::Packed(_) => keys.len() * dim,
+                },
                 found.len()
             )));
         }
@@ -357,26 +372,63 @@ impl View {
                     );
                 }
             }
-            for j in 0..n {
-                let i = s.idx[j] as usize;
-                let dst = &mut out[i * dim..(i + 1) * dim];
-                let src = if overlay.is_some() && s.ohits[j] {
+            // The row of grouped position `j`: the overlay's when it has the key (present, or
+            // absent in that version), else the base table's.
+            let row_at = |j: usize| -> Option<&[u8]> {
+                if overlay.is_some() && s.ohits[j] {
                     let r = &s.orows[j * ob..(j + 1) * ob];
                     (r[0] == PRESENT).then_some(&r[1..])
                 } else if s.hits[j] {
                     Some(&s.rows[j * vb..(j + 1) * vb])
                 } else {
                     None
-                };
-                match src {
-                    Some(row) => {
-                        found[i] = true;
-                        shape.layout.decode(row, dst);
+                }
+            };
+            match &mut out {
+                RowsOut::Floats(out) => {
+                    for j in 0..n {
+                        let i = s.idx[j] as usize;
+                        let dst = &mut out[i * dim..(i + 1) * dim];
+                        match row_at(j) {
+                            Some(row) => {
+                                found[i] = true;
+                                shape.layout.decode(row, dst);
+                            }
+                            None => {
+                                found[i] = false;
+                                shape.fill_missing(keys[i], dst);
+                            }
+                        }
                     }
-                    None => {
-                        found[i] = false;
-                        shape.fill_missing(keys[i], dst);
+                }
+                RowsOut::Packed(buf) => {
+                    // In request order, appended: no zero-filled buffer, and an f32 row's stored
+                    // bytes are already the wire's little-endian floats, so they are copied once.
+                    let raw_f32 = shape.layout.dtype == Dtype::F32;
+                    buf.reserve(n * dim * 4);
+                    let mut tmp = std::mem::take(&mut s.floats);
+                    tmp.resize(dim, 0.0);
+                    for (i, &j) in s.pos[..n].iter().enumerate() {
+                        match row_at(j as usize) {
+                            Some(row) if raw_f32 => {
+                                found[i] = true;
+                                buf.extend_from_slice(&row[..dim * 4]);
+                            }
+                            Some(row) => {
+                                found[i] = true;
+                                shape.layout.decode(row, &mut tmp);
+                                tmp.iter()
+                                    .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+                            }
+                            None => {
+                                found[i] = false;
+                                shape.fill_missing(keys[i], &mut tmp);
+                                tmp.iter()
+                                    .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+                            }
+                        }
                     }
+                    s.floats = tmp;
                 }
             }
             Ok::<(), EngineError>(())
@@ -403,6 +455,10 @@ struct Scratch {
     starts: Vec<u32>,
     /// Grouped position -> request index.
     idx: Vec<u32>,
+    /// Request index -> grouped position (the inverse of `idx`).
+    pos: Vec<u32>,
+    /// One decoded row, for packed output of rows that are not stored as f32.
+    floats: Vec<f32>,
     /// Keys in grouped order.
     skeys: Vec<u64>,
     rows: Vec<u8>,
@@ -428,11 +484,13 @@ impl Scratch {
             self.starts[i + 1] += self.starts[i];
         }
         self.idx.resize(n, 0);
+        self.pos.resize(n, 0);
         self.skeys.resize(n, 0);
         // `starts` is restored below: fill positions by advancing a cursor per shard.
         for (i, &sh) in self.sid.iter().enumerate() {
             let pos = &mut self.starts[sh as usize];
             self.idx[*pos as usize] = i as u32;
+            self.pos[i] = *pos;
             self.skeys[*pos as usize] = keys[i];
             *pos += 1;
         }

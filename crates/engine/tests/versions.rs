@@ -63,6 +63,57 @@ async fn loads_the_newest_version_and_applies_deltas_incrementally() {
     assert!(err.to_string().contains(&format!("version {v2}")), "{err}");
 }
 
+/// The packed lookup (rows as the wire's little-endian f32) equals the decoded one for every
+/// dtype, found and missing keys (including the per-key random init), and fails the same way.
+#[tokio::test]
+async fn packed_lookups_equal_decoded_lookups_for_every_dtype() {
+    for dtype in ["f32", "f16", "bf16", "int8"] {
+        let fx = Fixture::new().await;
+        let mut spec = spec_with(
+            4,
+            MissingPolicy::Random {
+                seed: 3,
+                scale: 0.5,
+            },
+            None,
+        );
+        spec.tables[0].dtype = dtype.to_string();
+        publish_full(&fx.repo, &spec, &base_rows(50)).await;
+        let e = fx.engine().await;
+        let keys: Vec<u64> = (0..80).rev().chain([u64::MAX, 7, 7]).collect();
+        let mut out = vec![0f32; keys.len() * DIM];
+        let mut found = vec![false; keys.len()];
+        let v = e
+            .lookup(MODEL, TABLE, &keys, None, &mut out, &mut found)
+            .unwrap();
+        let mut packed = b"prefix".to_vec();
+        let mut packed_found = vec![false; keys.len()];
+        let pv = e
+            .lookup_packed(MODEL, TABLE, &keys, None, &mut packed, &mut packed_found)
+            .unwrap();
+        assert_eq!((pv, &packed_found), (v, &found), "{dtype}");
+        assert!(
+            found.iter().any(|f| !f) && found.iter().any(|f| *f),
+            "{dtype}"
+        );
+        let want: Vec<u8> = b"prefix"
+            .iter()
+            .copied()
+            .chain(out.iter().flat_map(|x| x.to_le_bytes()))
+            .collect();
+        assert!(
+            packed == want,
+            "{dtype}: packed rows differ from the decoded ones"
+        );
+        // A failed lookup leaves the buffer as it was.
+        let err = e
+            .lookup_packed(MODEL, "nope", &keys, None, &mut packed, &mut packed_found)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(packed.len(), want.len());
+    }
+}
+
 #[tokio::test]
 async fn missing_key_policies() {
     let fx = Fixture::new().await;

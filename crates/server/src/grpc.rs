@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hopps_engine::{Engine, ModelStatus, TableLookup, TableStatus};
 use hopps_proto::packed;
 use hopps_proto::v1;
@@ -190,13 +190,20 @@ impl HoppsService {
             // Length checked above, so unpacking cannot fail.
             packed::unpack_keys_into(&req.keys, &mut scratch.keys);
             let keys = std::mem::take(&mut scratch.keys);
-            let (out, found) = scratch.outputs(count * dim, count);
-            let result = node
-                .engine
-                .lookup(&req.model, &req.table, &keys, req.version, out, found);
+            let (_, found) = scratch.outputs(0, count);
+            // The engine appends the rows in the wire format; the buffer becomes the reply's
+            // bytes without another copy.
+            let mut values = Vec::with_capacity(count * dim * packed::VALUE_BYTES);
+            let result = node.engine.lookup_packed(
+                &req.model,
+                &req.table,
+                &keys,
+                req.version,
+                &mut values,
+                found,
+            );
             let reply = result.map(|version| {
-                let mut values = BytesMut::with_capacity(out.len() * packed::VALUE_BYTES);
-                packed::put_values(&mut values, out);
+                let values = Bytes::from(values);
                 let mut bitmap = BytesMut::with_capacity(packed::bitmap_len(count));
                 packed::put_bitmap(&mut bitmap, found);
                 let misses = found.iter().filter(|f| !**f).count() as u64;
@@ -204,7 +211,7 @@ impl HoppsService {
                     v1::LookupResponse {
                         version,
                         dim: meta.dim,
-                        values: values.freeze(),
+                        values,
                         found: bitmap.freeze(),
                         count: count as u32,
                     },

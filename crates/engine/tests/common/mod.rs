@@ -132,6 +132,29 @@ pub fn assert_rows(engine: &Engine, universe: &[u64], expect: &Rows, version: Op
     let v = engine
         .lookup(MODEL, TABLE, universe, version, &mut out, &mut found)
         .unwrap();
+    // The packed (wire-format) lookup answers the same, bit for bit.
+    let mut packed = Vec::new();
+    let mut packed_found = vec![false; universe.len()];
+    let pv = engine
+        .lookup_packed(
+            MODEL,
+            TABLE,
+            universe,
+            version,
+            &mut packed,
+            &mut packed_found,
+        )
+        .unwrap();
+    assert_eq!(
+        (pv, &packed_found),
+        (v, &found),
+        "packed lookup: version and found flags"
+    );
+    let want: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert!(
+        packed == want,
+        "packed lookup at version {v}: rows differ from the decoded ones"
+    );
     for (i, k) in universe.iter().enumerate() {
         match expect.get(k) {
             Some(row) => {
