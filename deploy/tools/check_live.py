@@ -22,7 +22,8 @@ What it does, all on 127.0.0.1, in a temporary directory it removes at the end:
    behind it (HoppsVersionLagHigh), node "b" killed (HoppsNodeDown, HoppsTooFewReadyNodes);
 7. compares the sizing formula of docs/operations.md with hopps_table_bytes_per_entry;
 8. checks that every `hopps` command docs/operations.md shows exists with its flags, and (with
-   --etcd) that the etcd component's flags start a real etcd that passes its probe.
+   --etcd) that the etcd component's flags start a real etcd that passes its probe, and runs a
+   third node in cluster mode with its own etcd for the cluster panels and alerts.
 
 Every wait polls with a deadline. Prints one line per check and "N passed, N failed".
 """
@@ -217,8 +218,7 @@ class Environment:
 
         self.nodes[name] = poll(f"node {name} to listen", bound, 120)
 
-    def start_prometheus(self, rules_file: Path) -> None:
-        port = free_port()
+    def write_prometheus_config(self, rules_file: Path) -> Path:
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
             "rule_files": [str(rules_file)],
@@ -229,6 +229,17 @@ class Environment:
         }
         path = self.work / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
+        return path
+
+    def scrape_every_node(self) -> None:
+        """Rewrites Prometheus' targets to every node started so far and makes it reload."""
+        self.write_prometheus_config(self.rules_file)
+        self.procs["prometheus"].send_signal(signal.SIGHUP)
+
+    def start_prometheus(self, rules_file: Path) -> None:
+        port = free_port()
+        self.rules_file = rules_file
+        path = self.write_prometheus_config(rules_file)
         self.spawn("prometheus", [self.args.prometheus, f"--config.file={path}",
                                   f"--storage.tsdb.path={self.work / 'tsdb'}",
                                   f"--web.listen-address=127.0.0.1:{port}"])
@@ -447,6 +458,12 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
     runner.check("node a falls three versions behind and fires HoppsVersionLagHigh",
               lambda: wait_alert(env, "HoppsVersionLagHigh", {"instance": env.nodes["a"]["admin"], "model": MODEL}))
 
+    # 4b. a third node in cluster mode (its own etcd), so the Cluster row of the dashboard and
+    # the cluster alerts have series; it leaves before node b is killed below.
+    if args.etcd:
+        runner.check("a node in cluster mode joins its cluster and exports the cluster metrics",
+                     lambda: start_cluster_node(env, args.etcd, trial_env, config_file))
+
     # 5. every query returns data
     for panel in dash["panels"]:
         for target in panel.get("targets", []):
@@ -466,6 +483,9 @@ def run(args: argparse.Namespace, env: Environment, runner: Runner) -> None:
     runner.check("bytes per entry against the sizing formula of docs/operations.md", lambda: sizing(env))
 
     # 6. a node goes away
+    if "node-c" in env.procs:
+        env.stop("node-c")
+        env.stop("cluster-etcd")
     env.stop("node-b", signal.SIGKILL)
     runner.check("node b killed: HoppsNodeDown fires",
               lambda: wait_alert(env, "HoppsNodeDown", {"instance": env.nodes["b"]["admin"]}))
@@ -498,6 +518,38 @@ def check_documented_command(hopps: str, command: str) -> str:
     missing = [f for f in flags if f != "--help" and not re.search(rf"{re.escape(f)}\b", proc.stdout)]
     ensure(not missing, f"`hopps {' '.join(path)}` has no {', '.join(missing)}")
     return " ".join(path)
+
+
+def start_cluster_node(env: Environment, etcd: str, trial_env: dict[str, str], config_file: Path) -> str:
+    """Starts a single-member etcd and node "c" joined to cluster "live" through it (the trial's
+    config and environment, cluster flags on top), adds the node to Prometheus' targets, and
+    waits until Prometheus has its cluster gauges: it runs the controller and every shard of the
+    model has a ready replica."""
+    client, peer = free_port(), free_port()
+    proc = env.spawn("cluster-etcd", [
+        etcd, "--name", "live", f"--data-dir={env.work / 'cluster-etcd'}",
+        f"--listen-client-urls=http://127.0.0.1:{client}",
+        f"--advertise-client-urls=http://127.0.0.1:{client}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-cluster=live=http://127.0.0.1:{peer}",
+    ])
+
+    def etcd_up():
+        ensure(proc.poll() is None, f"etcd exited with {proc.returncode}:\n{env.tail('cluster-etcd')}")
+        return http_get(f"http://127.0.0.1:{client}/health")[0] == 200
+
+    poll("the cluster's etcd to answer", etcd_up, 60)
+    env.start_node("c", trial_env, config_file,
+                   ["--etcd", f"127.0.0.1:{client}", "--cluster", "live", "--lease-ttl", "2s"])
+    env.scrape_every_node()
+    admin = env.nodes["c"]["admin"]
+    poll("Prometheus to see node c run the controller",
+         lambda: len(env.query('hopps_cluster_leader{job="hopps", instance="%s"} == 1' % admin)) == 1, 60)
+    poll("every shard of model %s to have a ready replica" % MODEL,
+         lambda: len(env.query('hopps_cluster_shards_unavailable{job="hopps", model="%s"} == 0' % MODEL)) == 1
+         and len(env.query('hopps_cluster_placed_shards{job="hopps", model="%s"} > 0' % MODEL)) == 1, 60)
+    return f"node c at {admin}, controller of cluster live"
 
 
 def check_etcd_component(env: Environment, etcd: str) -> str:
@@ -569,7 +621,7 @@ def adapter_query(env: Environment) -> str:
     expr = (rule["metricsQuery"].replace("<<.Series>>", series)
             .replace("<<.LabelMatchers>>", 'job="hopps"').replace("<<.GroupBy>>", "instance"))
     result = env.query_range(expr)
-    ensure(len(result) == 2 and has_value(result), f"{expr} gave {describe(result)}")
+    ensure(len(result) == len(env.nodes) and has_value(result), f"{expr} gave {describe(result)}")
     return expr
 
 

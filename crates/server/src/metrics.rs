@@ -267,6 +267,10 @@ pub(crate) fn cluster_shard_health(model: &str, under_replicated: usize, unavail
 }
 
 /// `hopps_cluster_etcd_errors_total`: failed etcd requests of membership and the controller.
+pub(crate) fn cluster_etcd_errors_registered() {
+    metrics::counter!("hopps_cluster_etcd_errors_total").increment(0);
+}
+
 pub(crate) fn cluster_etcd_error() {
     metrics::counter!("hopps_cluster_etcd_errors_total").increment(1);
 }

@@ -291,6 +291,8 @@ pub(crate) async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<ClusterTasks, ServerError> {
     crate::metrics::cluster_leader(false);
+    // Exported from the start (at 0), so dashboards and alerts see the series before an error.
+    crate::metrics::cluster_etcd_errors_registered();
     let advertised = config
         .advertise
         .clone()
