@@ -458,26 +458,8 @@ impl Cluster {
     /// The node that runs the controller: the one whose `hopps_cluster_leader` gauge is 1.
     /// Exactly one node may claim it.
     async fn leader(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut leaders = Vec::new();
-            for node in self.nodes.values() {
-                let (_, body) = http_get(&node.admin, "/metrics").await;
-                if metric_sum(&body, "hopps_cluster_leader", &[]) == Some(1.0) {
-                    leaders.push(node.id.clone());
-                }
-            }
-            if leaders.len() == 1 {
-                return leaders.remove(0);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "exactly one node should report hopps_cluster_leader 1 within 20 s; these do: \
-                 {leaders:?}\n{}",
-                self.dump()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        self.leader_among(&ids).await
     }
 
     async fn client(&self) -> ClusterClient {

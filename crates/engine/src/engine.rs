@@ -208,6 +208,41 @@ impl Engine {
         Ok(())
     }
 
+    /// Builds `lineage.chain[pos]` for the shards in `held` (`None` = every shard): the newest
+    /// usable checkpoint of `checkpoints` (else the chain's full version), the deltas after it
+    /// and the logged writes in `records` — once the memory it needs is known to fit.
+    #[allow(clippy::too_many_arguments)]
+    async fn build_checked(
+        &self,
+        m: &Arc<Model>,
+        shape: &Arc<Shape>,
+        lineage: &Lineage,
+        pos: usize,
+        checkpoints: &[Manifest],
+        records: &[wal::WalRecord],
+        held: Option<&ShardSet>,
+    ) -> Result<loader::Built> {
+        let base = loader::pick_checkpoint(lineage, pos, checkpoints)
+            .map(|(c, _)| c.clone())
+            .unwrap_or_else(|| lineage.chain[0].clone());
+        self.check_memory(
+            &m.name,
+            lineage.chain[pos].version,
+            build_estimate(shape, &lineage.chain[..=pos], &base, held),
+        )?;
+        loader::build(
+            self.repo(),
+            m,
+            shape,
+            lineage,
+            pos,
+            checkpoints,
+            records,
+            held,
+        )
+        .await
+    }
+
     /// Every record of `model`'s write-ahead log, read off the async workers (it is file I/O).
     async fn read_wal(&self, model: &str) -> Result<Vec<wal::WalRecord>> {
         let dir = self.wal_dir(model);
@@ -304,30 +339,22 @@ impl Engine {
                 records
             }
         };
-        let base = loader::pick_checkpoint(&lineage, tip, &checkpoints)
-            .map(|(c, _)| c.clone())
-            .unwrap_or_else(|| lineage.chain[0].clone());
-        self.check_memory(
-            &m.name,
-            lineage.chain[tip].version,
-            build_estimate(&shape, &lineage.chain[..=tip], &base, held.as_deref()),
-        )?;
         let started = Instant::now();
         m.runtime.lock().loading_shards = match held.as_deref() {
             Some(h) => h.list(),
             None => (0..shape.shards).collect(),
         };
-        let built = loader::build(
-            self.repo(),
-            m,
-            &shape,
-            &lineage,
-            tip,
-            &checkpoints,
-            &records,
-            held.as_deref(),
-        )
-        .await;
+        let built = self
+            .build_checked(
+                m,
+                &shape,
+                &lineage,
+                tip,
+                &checkpoints,
+                &records,
+                held.as_deref(),
+            )
+            .await;
         m.runtime.lock().loading_shards.clear();
         let built = match built {
             Ok(b) => b,
@@ -618,25 +645,17 @@ impl Engine {
             .into_iter()
             .filter(|r| r.seq <= seen)
             .collect();
-        let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
-            .map(|(c, _)| c.clone())
-            .unwrap_or_else(|| lineage.chain[0].clone());
-        self.check_memory(
-            &m.name,
-            serving,
-            build_estimate(&view.shape, &lineage.chain[..=pos], &base, held.as_deref()),
-        )?;
-        let built = loader::build(
-            self.repo(),
-            m,
-            &view.shape,
-            lineage,
-            pos,
-            &checkpoints,
-            &records,
-            held.as_deref(),
-        )
-        .await?;
+        let built = self
+            .build_checked(
+                m,
+                &view.shape,
+                lineage,
+                pos,
+                &checkpoints,
+                &records,
+                held.as_deref(),
+            )
+            .await?;
         let mut undo_log = m.write.lock().await;
         let last = wal.last_sequence();
         if last > seen {
@@ -1070,26 +1089,18 @@ impl Engine {
             EngineError::repository(format!("listing checkpoints of model {}", m.name), e)
         })?;
         let records = self.read_wal(&m.name).await?;
-        let base = loader::pick_checkpoint(lineage, pos, &checkpoints)
-            .map(|(c, _)| c.clone())
-            .unwrap_or_else(|| lineage.chain[0].clone());
         let held = view.held.clone();
-        self.check_memory(
-            &m.name,
-            to,
-            build_estimate(&view.shape, &lineage.chain[..=pos], &base, held.as_deref()),
-        )?;
-        let built = loader::build(
-            self.repo(),
-            m,
-            &view.shape,
-            lineage,
-            pos,
-            &checkpoints,
-            &records,
-            held.as_deref(),
-        )
-        .await?;
+        let built = self
+            .build_checked(
+                m,
+                &view.shape,
+                lineage,
+                pos,
+                &checkpoints,
+                &records,
+                held.as_deref(),
+            )
+            .await?;
         let tables = Arc::new(built.tables);
         if self
             .stage_beside(m, &view, &view.shape, &held, &tables, to)
