@@ -389,3 +389,100 @@ pub(crate) fn etcd_error(what: &str, err: &dyn std::fmt::Display) {
     crate::metrics::cluster_etcd_error();
     tracing::warn!(error = %err, "{what}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hopps_cluster::{Placement, Serving};
+
+    fn state(placed_on_me: &[u32], serving: Option<u64>) -> Arc<ClusterState> {
+        let mut s = ClusterState {
+            synced: true,
+            connected: true,
+            ..ClusterState::default()
+        };
+        let assignment = (0..4u32)
+            .map(|shard| {
+                if placed_on_me.contains(&shard) {
+                    vec!["me".to_string(), "other".to_string()]
+                } else {
+                    vec!["other".to_string()]
+                }
+            })
+            .collect();
+        s.placements.insert(
+            "m".into(),
+            Placement {
+                model: "m".into(),
+                shards: 4,
+                replicas: 2,
+                epoch: 1,
+                assignment,
+            },
+        );
+        if let Some(version) = serving {
+            s.serving.insert(
+                "m".into(),
+                Serving {
+                    model: "m".into(),
+                    version,
+                    previous: None,
+                    time: String::new(),
+                },
+            );
+        }
+        Arc::new(s)
+    }
+
+    async fn settles(gate: Pin<Box<dyn Future<Output = Gate> + Send>>) -> Gate {
+        tokio::time::timeout(Duration::from_secs(5), gate)
+            .await
+            .expect("the gate resolves once the cluster changes")
+    }
+
+    #[tokio::test]
+    async fn a_staged_version_goes_when_the_cluster_serves_it() {
+        let agent = Agent::new("me".into(), "c");
+        agent.state.send_replace(state(&[0, 1], Some(3)));
+        let mut gate = agent.staged("m", 4);
+        // An unrelated change (here only the revision) does not end the wait.
+        let mut unrelated = (*state(&[0, 1], Some(3))).clone();
+        unrelated.revision = 7;
+        agent.state.send_replace(Arc::new(unrelated));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut gate)
+                .await
+                .is_err(),
+            "the gate must keep waiting"
+        );
+        agent.state.send_replace(state(&[0, 1], Some(4)));
+        assert_eq!(settles(gate).await, Gate::Go);
+    }
+
+    #[tokio::test]
+    async fn a_staged_version_is_dropped_to_follow_a_new_placement() {
+        let agent = Agent::new("me".into(), "c");
+        agent.state.send_replace(state(&[0, 1], Some(3)));
+        let gate = agent.staged("m", 4);
+        // Another node died: this node gets shard 2 too and must go and load it.
+        agent.state.send_replace(state(&[0, 1, 2], Some(3)));
+        assert_eq!(settles(gate).await, Gate::Abandon);
+    }
+
+    #[tokio::test]
+    async fn a_staged_version_is_dropped_when_the_cluster_switches_elsewhere() {
+        let agent = Agent::new("me".into(), "c");
+        agent.state.send_replace(state(&[0, 1], Some(3)));
+        let gate = agent.staged("m", 4);
+        // A rollback to 2 was decided meanwhile.
+        agent.state.send_replace(state(&[0, 1], Some(2)));
+        assert_eq!(settles(gate).await, Gate::Abandon);
+    }
+
+    #[tokio::test]
+    async fn a_version_already_serving_goes_at_once() {
+        let agent = Agent::new("me".into(), "c");
+        agent.state.send_replace(state(&[0, 1], Some(4)));
+        assert_eq!(settles(agent.staged("m", 4)).await, Gate::Go);
+    }
+}
