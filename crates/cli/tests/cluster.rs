@@ -293,6 +293,25 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster of nodes n1, n2 and n3, every shard replicated `REPLICAS` times at version 1.
+    async fn start_three(name: &str) -> Cluster {
+        let mut c = Cluster::start(name).await;
+        for id in ["n1", "n2", "n3"] {
+            c.add_node(id).await;
+        }
+        assert_eq!(c.wait_replicated(REPLICAS, 60).await, 1);
+        c
+    }
+
+    /// `workers` tasks of continuous, checked lookups through a cluster client, once they have
+    /// succeeded 50 times.
+    async fn load(&self, workers: usize) -> Load {
+        let client = self.client().await;
+        let load = Load::start(&client, workers);
+        load.wait_ok(self, 50, 30).await;
+        load
+    }
+
     async fn start(name: &str) -> Cluster {
         let etcd = EtcdServer::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -792,14 +811,8 @@ impl Drop for Proxy {
 fn kill_9_of_one_node_fails_no_lookup_and_re_replicates() {
     let _serial = serial();
     runtime().block_on(async {
-        let mut c = Cluster::start("kill9").await;
-        for id in ["n1", "n2", "n3"] {
-            c.add_node(id).await;
-        }
-        assert_eq!(c.wait_replicated(REPLICAS, 60).await, 1);
-        let client = c.client().await;
-        let load = Load::start(&client, 2);
-        load.wait_ok(&c, 50, 30).await;
+        let mut c = Cluster::start_three("kill9").await;
+        let load = c.load(2).await;
 
         // Kill the leader: the harder case (the controller itself must fail over).
         let victim = c.leader().await;
@@ -892,14 +905,8 @@ impl Cluster {
 fn drain_and_add_nodes_under_load_fail_no_lookup() {
     let _serial = serial();
     runtime().block_on(async {
-        let mut c = Cluster::start("drain").await;
-        for id in ["n1", "n2", "n3"] {
-            c.add_node(id).await;
-        }
-        c.wait_replicated(REPLICAS, 60).await;
-        let client = c.client().await;
-        let load = Load::start(&client, 2);
-        load.wait_ok(&c, 50, 30).await;
+        let mut c = Cluster::start_three("drain").await;
+        let load = c.load(2).await;
         assert!(
             !held(&c.mirror.state(), "n1").is_empty(),
             "n1 holds shards before the drain\n{}",
@@ -1012,14 +1019,8 @@ fn drain_and_add_nodes_under_load_fail_no_lookup() {
 fn version_switches_and_rollback_never_mix_versions() {
     let _serial = serial();
     runtime().block_on(async {
-        let mut c = Cluster::start("versions").await;
-        for id in ["n1", "n2", "n3"] {
-            c.add_node(id).await;
-        }
-        assert_eq!(c.wait_replicated(REPLICAS, 60).await, 1);
-        let client = c.client().await;
-        let load = Load::start(&client, 3);
-        load.wait_ok(&c, 50, 30).await;
+        let c = Cluster::start_three("versions").await;
+        let load = c.load(3).await;
 
         for version in [2, 3] {
             publish(&c.repo, version).await;
@@ -1063,7 +1064,8 @@ fn version_switches_and_rollback_never_mix_versions() {
         .await;
         load.wait_version(&c, 2, 30).await;
         load.wait_ok(&c, 100, 30).await;
-        let rows = client
+        let rows = load
+            .client
             .lookup(MODEL, TABLE, &[0, 1, ROWS - 1])
             .await
             .expect("lookup after the rollback");
@@ -1089,14 +1091,8 @@ fn version_switches_and_rollback_never_mix_versions() {
 fn lookups_continue_while_etcd_restarts() {
     let _serial = serial();
     runtime().block_on(async {
-        let mut c = Cluster::start("etcd-restart").await;
-        for id in ["n1", "n2", "n3"] {
-            c.add_node(id).await;
-        }
-        c.wait_replicated(REPLICAS, 60).await;
-        let client = c.client().await;
-        let load = Load::start(&client, 2);
-        load.wait_ok(&c, 50, 30).await;
+        let mut c = Cluster::start_three("etcd-restart").await;
+        let load = c.load(2).await;
 
         c.etcd.kill();
         let down = Instant::now();
