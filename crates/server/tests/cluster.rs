@@ -226,6 +226,19 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// True when every shard has `replicas` distinct alive replicas that hold it at the serving
 /// version, none of them in `excluded`.
+/// Waits until the cluster's serving record and every node of `nodes` serve `version`.
+async fn wait_serving(fx: &Fixture, nodes: &[Node], version: u64, what: &str) {
+    wait_until(what, Duration::from_secs(60), || async {
+        let s = fx.state();
+        s.serving_version(MODEL) == Some(version)
+            && nodes.iter().all(|n| {
+                s.report(MODEL, &n.id)
+                    .is_some_and(|r| r.serving == Some(version))
+            })
+    })
+    .await;
+}
+
 fn fully_replicated(state: &ClusterState, replicas: usize, excluded: &[&str]) -> bool {
     let Some(p) = state.placements.get(MODEL) else {
         return false;
@@ -388,18 +401,7 @@ async fn three_nodes_place_switch_drain_and_re_replicate_after_a_crash() {
 
     // A delta: the serving record moves to 2 only once every placed node has it.
     publish(&fx.repo, 2).await;
-    wait_until(
-        "serving version 2 on every node",
-        Duration::from_secs(60),
-        || async {
-            let s = fx.state();
-            s.serving_version(MODEL) == Some(2)
-                && nodes
-                    .iter()
-                    .all(|n| s.report(MODEL, &n.id).is_some_and(|r| r.serving == Some(2)))
-        },
-    )
-    .await;
+    wait_serving(&fx, &nodes, 2, "serving version 2 on every node").await;
     let serving = fx.state().serving[MODEL].clone();
     assert_eq!(serving.previous, Some(1));
     let rows = client.lookup(MODEL, "t", &keys).await.expect("lookup");
@@ -595,18 +597,7 @@ async fn nodes_keep_serving_while_etcd_is_down_and_rejoin_after() {
     )
     .await;
     publish(&fx.repo, 2).await;
-    wait_until(
-        "version 2 served after the restart",
-        Duration::from_secs(60),
-        || async {
-            let s = fx.state();
-            s.serving_version(MODEL) == Some(2)
-                && nodes
-                    .iter()
-                    .all(|n| s.report(MODEL, &n.id).is_some_and(|r| r.serving == Some(2)))
-        },
-    )
-    .await;
+    wait_serving(&fx, &nodes, 2, "version 2 served after the restart").await;
     for n in nodes {
         n.shut_down().await;
     }
